@@ -25,10 +25,11 @@ def _is_dataclass_type(tp) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def from_dict(cls, data: dict | None, where: str = ""):
+def from_dict(cls, data: dict | None, where: str = "", source: str | None = None):
     """Build dataclass `cls` from `data`, recursing into nested dataclass fields.
 
-    Unknown keys raise ConfigError naming the full dotted key and the valid names.
+    Unknown keys raise ConfigError naming the file (`source`), the full dotted key and the
+    valid names.
     """
     data = dict(data or {})
     types = _field_types(cls)
@@ -36,7 +37,8 @@ def from_dict(cls, data: dict | None, where: str = ""):
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
         raise ConfigError(
-            f"unknown config key '{key}'; valid keys{' under ' + where if where else ''}: "
+            (f"{source}: " if source else "")
+            + f"unknown config key '{key}'; valid keys{' under ' + where if where else ''}: "
             + ", ".join(sorted(types))
         )
     kwargs = {}
@@ -46,7 +48,7 @@ def from_dict(cls, data: dict | None, where: str = ""):
         if _is_dataclass_type(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{sub}' must be a mapping, got {type(value).__name__}")
-            kwargs[name] = from_dict(tp, value, sub)
+            kwargs[name] = from_dict(tp, value, sub, source)
         else:
             kwargs[name] = _coerce(value, tp, sub)
     return cls(**kwargs)

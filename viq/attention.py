@@ -1,0 +1,83 @@
+"""Variable-length attention over a packed sequence: attention never crosses segments.
+
+Backends (a plain dict registry): `flash` (flash-attn varlen, when importable, CUDA),
+`flex` (FlexAttention with a document mask, CUDA), `sdpa` (scaled_dot_product_attention
+with a block-diagonal boolean mask; the CPU path since FlexAttention has no CPU backward).
+`auto` picks the first that applies. Segments are given by cu_seqlens [n+1] (int32).
+
+Shapes: q [Tq, heads, D], k and v [Tk, heads, D]; out [Tq, heads, D]. With separate
+`cu_seqlens_k`, query segment i attends to key segment i (used by the quantiser's 2x2
+expansion, whose queries outnumber its keys four to one).
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+
+def _segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths, output_size=total)
+
+
+def sdpa_varlen(q, k, v, cu_q, cu_k):
+    seg_q = _segment_ids(cu_q, q.shape[0])
+    seg_k = _segment_ids(cu_k, k.shape[0])
+    mask = seg_q[:, None] == seg_k[None, :]  # [Tq, Tk] built on the device, bool
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask[None, None]
+    )
+    return out[0].transpose(0, 1)
+
+
+_flex_compiled = None
+
+
+def flex_varlen(q, k, v, cu_q, cu_k):
+    global _flex_compiled
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=True)
+    seg_q = _segment_ids(cu_q, q.shape[0])
+    seg_k = _segment_ids(cu_k, k.shape[0])
+
+    def same_segment(b, h, qi, ki):
+        return seg_q[qi] == seg_k[ki]
+
+    block_mask = create_block_mask(same_segment, None, None, q.shape[0], k.shape[0], device=q.device)
+    out = _flex_compiled(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=block_mask
+    )
+    return out[0].transpose(0, 1)
+
+
+def flash_varlen(q, k, v, cu_q, cu_k):
+    from flash_attn import flash_attn_varlen_func
+
+    max_q = int((cu_q[1:] - cu_q[:-1]).max())
+    max_k = int((cu_k[1:] - cu_k[:-1]).max())
+    return flash_attn_varlen_func(q, k, v, cu_q.int(), cu_k.int(), max_q, max_k, causal=False)
+
+
+BACKENDS = {"sdpa": sdpa_varlen, "flex": flex_varlen, "flash": flash_varlen}
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    if name not in ("auto", *BACKENDS):
+        raise ValueError(f"unknown attention backend '{name}'; valid: auto, {', '.join(BACKENDS)}")
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        if importlib.util.find_spec("flash_attn") is not None and dtype in (torch.float16, torch.bfloat16):
+            return "flash"
+        return "flex"
+    return "sdpa"
+
+
+def varlen_attention(q, k, v, cu_seqlens, backend: str = "auto", cu_seqlens_k=None):
+    cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+    name = resolve_backend(backend, q.device, q.dtype)
+    return BACKENDS[name](q, k, v, cu_seqlens, cu_k)

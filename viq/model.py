@@ -1,0 +1,243 @@
+"""ViQModel: the ViQ visual tokenizer (any-resolution ViT + proximal quantiser).
+
+    model = ViQModel.from_pretrained("viq-tiny")       # preset (random init) or a saved directory
+    codes = model.encode([img_a, "b.png"])             # list of LongTensor [h, w, 4]
+    feats = model.embed_codes(codes[0])                # [h, w, F] quantised features
+    model.save_pretrained("out/")                      # config.json + model.safetensors
+
+One ViQ token covers (patch_size * merge_size)^2 pixels (28 x 28 by default); its four
+sub-codes are ordered (0,0), (0,1), (1,0), (1,1) within the token's 2x2 block.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import ConfigError, from_dict
+from .fsq import codebook_stats
+from .image import ResizePolicy, describe, preprocess, token_grid
+from .quantizer import ProximalQuantizer
+from .vit import AnyResViT
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class ViQConfig:
+    patch_size: int = 14
+    merge_size: int = 2
+    min_pixels: int = 28 * 28 * 4
+    max_pixels: int = 448 * 448
+    oversize: str = "resize"
+    width: int = 192
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    pos_grid: int = 32
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    bottleneck_dim: int = 48
+    quant_dim: int = 32
+    quant_heads: int = 2
+    levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
+    feature_dim: int = 192
+    attn_backend: str = "auto"
+    max_tokens_per_batch: int = 16384
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.oversize not in ("resize", "error"):
+            raise ConfigError(f"viq.oversize must be 'resize' or 'error', got '{self.oversize}'")
+        if self.width % self.heads or (self.width // self.heads) % 4:
+            raise ConfigError(f"viq.width {self.width} / heads {self.heads} must give a head dim divisible by 4")
+
+    @property
+    def codebook_size(self) -> int:
+        return math.prod(self.levels)
+
+    @property
+    def resize_policy(self) -> ResizePolicy:
+        return ResizePolicy(self.patch_size, self.merge_size, self.min_pixels, self.max_pixels, self.oversize)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "", source: str | None = None) -> "ViQConfig":
+        return from_dict(cls, d, where, source)
+
+
+VIQ_PRESETS: dict[str, ViQConfig] = {
+    # A few M parameters: tests and the CPU demo.
+    "viq-tiny": ViQConfig(),
+    # The paper's scale (~1.3B): a 2048-wide, 24-deep ViT plus the quantiser; random init.
+    "viq-1.3b": ViQConfig(
+        width=2048, depth=25, heads=16, bottleneck_dim=512, quant_dim=128, quant_heads=4,
+        levels=[8, 8, 8, 5, 5, 5], feature_dim=2048, max_pixels=1792 * 1792, min_pixels=56 * 56,
+        pos_grid=32,
+    ),
+}
+
+
+def get_preset(name: str) -> ViQConfig:
+    if name not in VIQ_PRESETS:
+        raise ConfigError(f"unknown ViQ preset '{name}'; valid presets: {', '.join(VIQ_PRESETS)}")
+    return replace(VIQ_PRESETS[name])
+
+
+class ViQModel(nn.Module):
+    def __init__(self, config: ViQConfig):
+        super().__init__()
+        self.config = config
+        self.vit = AnyResViT(config)
+        self.quantizer = ProximalQuantizer(config)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.vit.patch_embed.weight.device
+
+    # ---- construction / persistence -------------------------------------------------
+    @classmethod
+    def from_config(cls, config: ViQConfig) -> "ViQModel":
+        # Deterministic random init: the same preset gives the same tokenizer everywhere.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            return cls(config)
+
+    @classmethod
+    def from_pretrained(cls, path_or_preset: str | os.PathLike, device=None, dtype=None) -> "ViQModel":
+        path = str(path_or_preset)
+        if os.path.isdir(path):
+            cfg_file = os.path.join(path, CONFIG_NAME)
+            if not os.path.isfile(cfg_file):
+                raise ConfigError(f"{path}: not a ViQ tokenizer directory (missing {CONFIG_NAME})")
+            with open(cfg_file) as fh:
+                try:
+                    raw = json.load(fh)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{cfg_file}: invalid JSON ({e})") from None
+            raw.pop("model_type", None)
+            config = ViQConfig.from_dict(raw, source=cfg_file)
+            with torch.device("meta"):
+                model = cls(config)
+            weights = os.path.join(path, WEIGHTS_NAME)
+            if not os.path.isfile(weights):
+                raise ConfigError(f"{path}: missing {WEIGHTS_NAME}")
+            state = load_file(weights)
+            missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+            if missing or unexpected:
+                raise ConfigError(f"{weights}: missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
+            model._rebuild_buffers()
+        elif path in VIQ_PRESETS:
+            model = cls.from_config(get_preset(path))
+        else:
+            raise ConfigError(
+                f"'{path}' is neither a ViQ tokenizer directory nor a preset; valid presets: {', '.join(VIQ_PRESETS)}"
+            )
+        model.eval()
+        if device is not None or dtype is not None:
+            model.to(device=device, dtype=dtype)
+        return model
+
+    def _rebuild_buffers(self):
+        # Non-persistent buffers are not in the checkpoint; recompute them after a meta-device load.
+        from .fsq import FSQ
+
+        self.quantizer.fsq = FSQ(self.config.levels)
+
+    def save_pretrained(self, path: str | os.PathLike):
+        os.makedirs(path, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = os.path.join(path, WEIGHTS_NAME + ".tmp")
+        save_file(state, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(path, WEIGHTS_NAME))
+        with open(os.path.join(path, CONFIG_NAME), "w") as fh:
+            json.dump({"model_type": "viq", **self.config.to_dict()}, fh, indent=2)
+
+    # ---- forward passes -------------------------------------------------------------
+    def preprocess(self, images: list[Any], names: list[str] | None = None) -> list[torch.Tensor]:
+        policy = self.config.resize_policy
+        names = names or [None] * len(images)
+        return [preprocess(img, policy, name) for img, name in zip(images, names)]
+
+    def token_grid(self, height: int, width: int, name: str = "image") -> tuple[int, int]:
+        return token_grid(height, width, self.config.resize_policy, name)
+
+    def forward(self, pixel_list: list[torch.Tensor]) -> dict:
+        """Training forward over preprocessed images [3, H, W].
+
+        Returns features [N, C] (continuous, merged tokens), quantized [N, F], bottleneck
+        [N, D], class_tokens [n, C], indices [N, 4], grids [(h, w)], cu_seqlens [n+1]
+        and codebook statistics.
+        """
+        tokens, cls, grids = self.vit(pixel_list)
+        counts = torch.tensor([h * w for h, w in grids], device=tokens.device)
+        cu = torch.zeros(len(grids) + 1, dtype=torch.int32, device=tokens.device)
+        cu[1:] = torch.cumsum(counts, 0)
+        q = self.quantizer(tokens, grids, cu)
+        return {
+            "features": tokens,
+            "quantized": q["quantized"],
+            "bottleneck": q["bottleneck"],
+            "class_tokens": cls,
+            "indices": q["indices"],
+            "grids": grids,
+            "cu_seqlens": cu,
+            "stats": codebook_stats(q["indices"], self.codebook_size),
+        }
+
+    @torch.no_grad()
+    def encode_pixels(self, pixel_list: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Preprocessed images -> list of int64 [h, w, 4] codes, batched by a token budget."""
+        out: list[torch.Tensor] = []
+        budget = self.config.max_tokens_per_batch
+        p2 = self.config.patch_size**2
+        batch, size = [], 0
+        for pixels in list(pixel_list) + [None]:
+            n = 0 if pixels is None else pixels.shape[1] * pixels.shape[2] // p2
+            if batch and (pixels is None or size + n > budget):
+                res = self.forward(batch)
+                for (h, w), idx in zip(res["grids"], res["indices"].split([h * w for h, w in res["grids"]])):
+                    out.append(idx.reshape(h, w, 4).cpu())
+                batch, size = [], 0
+            if pixels is not None:
+                batch.append(pixels)
+                size += n
+        return out
+
+    def encode(self, images: list[Any], names: list[str] | None = None) -> list[torch.Tensor]:
+        """Images (paths, PIL, arrays, tensors, bytes) -> list of int64 [h, w, 4] code tensors."""
+        if not isinstance(images, (list, tuple)):
+            raise TypeError(f"encode expects a list of images, got {describe(images)}")
+        was_training = self.training
+        self.eval()
+        try:
+            return self.encode_pixels(self.preprocess(list(images), names))
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [..., 4] (FSQ indices) -> quantised features [..., F]."""
+        codes = torch.as_tensor(codes)
+        if codes.shape[-1] != 4:
+            raise ValueError(f"codes must end in the 4 sub-codes of a token, got shape {tuple(codes.shape)}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+            raise ValueError(f"codes must lie in [0, {self.codebook_size}), got [{int(codes.min())}, {int(codes.max())}]")
+        return self.quantizer.embed_indices(codes)
+
+    def codebook_vectors(self, chunk: int = 65536) -> torch.Tensor:
+        """The implicit FSQ codebook as code values [K, L] (chunked; K = prod(levels))."""
+        return torch.cat([c for _, c in self.quantizer.fsq.iter_codebook(chunk)])

@@ -1,0 +1,118 @@
+"""Proximal quantiser: bottleneck, L-infinity normalisation, 2x2 multi-head expansion, FSQ.
+
+ViQ paper, stage 2 ("proximal representation"): feature f in R^C -> bottleneck f1 in R^D
+-> f1 / ||f1||_inf (onto the hypercube surface) -> down-projection to d (d << D << C) ->
+multi-head attention that expands each token into its 2x2 sub-codes (N -> 4N) with 2D
+RoPE at the sub-positions injected before quantisation -> FSQ -> merged back to N tokens.
+
+Sub-code s of the token at (r, c) sits at (2r + s // 2, 2c + s % 2); keys sit at the token
+centres (2r + 0.5, 2c + 0.5). Queries of an image attend only to that image's tokens.
+
+Shapes: tokens [N, C]; cu_seqlens [n+1] over tokens; indices [N, 4]; quantised [N, F].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .attention import varlen_attention
+from .fsq import FSQ
+from .rope import apply_rope, rope_2d_angles
+
+SUBCODES = 4
+
+
+def linf_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Project each vector onto the surface of the unit L-infinity ball: max |x_i| = 1."""
+    return x / x.abs().amax(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def token_positions(grids, device) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = [], []
+    for h, w in grids:
+        rows.append(torch.arange(h, device=device).repeat_interleave(w))
+        cols.append(torch.arange(w, device=device).repeat(h))
+    return torch.cat(rows), torch.cat(cols)
+
+
+class ProximalQuantizer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.quant_dim
+        if d % cfg.quant_heads or (d // cfg.quant_heads) % 4:
+            raise ValueError(f"quant_dim {d} / quant_heads {cfg.quant_heads} must give a head dim divisible by 4")
+        self.heads = cfg.quant_heads
+        self.bottleneck = nn.Linear(cfg.width, cfg.bottleneck_dim)
+        self.down = nn.Linear(cfg.bottleneck_dim, d)
+        self.subcode_embed = nn.Parameter(torch.randn(SUBCODES, d) * 0.02)
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, d)
+        self.v = nn.Linear(d, d)
+        self.o = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d))
+        # LayerNorm + unit-variance projection: at init the pre-tanh values have std ~1, so
+        # FSQ sees spread inputs and the codebook is used from the first step.
+        self.pre_fsq_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.pre_fsq = nn.Linear(d, len(cfg.levels))
+        nn.init.normal_(self.pre_fsq.weight, std=d**-0.5)
+        nn.init.zeros_(self.pre_fsq.bias)
+        self.fsq = FSQ(cfg.levels)
+        # Quantised sub-codes -> one feature per token (also used by embed_codes).
+        self.post_fsq = nn.Linear(len(cfg.levels), d)
+        self.merge = nn.Linear(SUBCODES * d, cfg.feature_dim)
+
+    def expand(self, g: torch.Tensor, grids, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """g [N, d] -> sub-code features [N, 4, d] through per-image multi-head attention."""
+        n, d = g.shape
+        rows, cols = token_positions(grids, g.device)
+        query_in = g[:, None, :] + self.subcode_embed[None].to(g.dtype)  # [N, 4, d]
+        sub = torch.arange(SUBCODES, device=g.device)
+        q_rows = (2 * rows[:, None] + sub[None] // 2).reshape(-1)
+        q_cols = (2 * cols[:, None] + sub[None] % 2).reshape(-1)
+        head_dim = d // self.heads
+        q_angles = rope_2d_angles(q_rows, q_cols, head_dim, self.cfg.rope_theta)
+        k_angles = rope_2d_angles(2 * rows + 0.5, 2 * cols + 0.5, head_dim, self.cfg.rope_theta)
+        q = apply_rope(rearrange(self.q(query_in), "n s (h e) -> (n s) h e", h=self.heads), q_angles)
+        k = apply_rope(rearrange(self.k(g), "n (h e) -> n h e", h=self.heads), k_angles)
+        v = rearrange(self.v(g), "n (h e) -> n h e", h=self.heads)
+        out = varlen_attention(q, k, v, cu_seqlens * SUBCODES, backend=self.cfg.attn_backend, cu_seqlens_k=cu_seqlens)
+        x = query_in + rearrange(self.o(rearrange(out, "t h e -> t (h e)")), "(n s) d -> n s d", s=SUBCODES)
+        return x + self.mlp(self.norm(x))
+
+    def project_to_fsq(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 so that rounding decisions do not depend on the compute dtype.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = F.layer_norm(
+                x.float(), (x.shape[-1],), self.pre_fsq_norm.weight.float(), self.pre_fsq_norm.bias.float(),
+                self.pre_fsq_norm.eps,
+            )
+            z = F.linear(x, self.pre_fsq.weight.float(), self.pre_fsq.bias.float())
+            return torch.tanh(z)
+
+    def codes_to_features(self, codes: torch.Tensor) -> torch.Tensor:
+        """FSQ code values [N, 4, L] -> quantised token features [N, F]."""
+        dtype = self.post_fsq.weight.dtype
+        sub = self.post_fsq(codes.to(dtype))
+        return self.merge(rearrange(sub, "n s d -> n (s d)"))
+
+    def forward(self, tokens: torch.Tensor, grids, cu_seqlens: torch.Tensor) -> dict:
+        f1 = linf_normalize(self.bottleneck(tokens))
+        g = self.down(f1)
+        expanded = self.expand(g, grids, cu_seqlens)
+        codes, indices = self.fsq.quantize(self.project_to_fsq(expanded))
+        return {
+            "bottleneck": f1,
+            "codes": codes,  # [N, 4, L]
+            "indices": indices,  # [N, 4]
+            "quantized": self.codes_to_features(codes),
+        }
+
+    def embed_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices [..., 4] -> quantised features [..., F] (the decoder side of the codes)."""
+        lead = indices.shape[:-1]
+        codes = self.fsq.indices_to_codes(indices.reshape(-1, SUBCODES).to(self.post_fsq.weight.device))
+        return self.codes_to_features(codes).reshape(*lead, -1)
