@@ -1,0 +1,408 @@
+"""The multimodal model: a Qwen2.5 decoder whose vocabulary holds the ViQ code ids.
+
+An image reaches the LLM as `image_pad` positions in `input_ids` (layout in `data/vocab.py`);
+the [M, 4] extended-vocabulary ids of their 2x2 sub-codes travel beside them as `codes`. Each
+position's input vector is `CodeMerger(embed(codes[i]))`: the four sub-code embeddings,
+concatenated and projected back to the hidden size. Everything else is the plain HF model.
+
+Plain single-device PyTorch: DeepSpeed (ZeRO, activation checkpointing) is applied from outside;
+`extend_vocabulary` takes a `gathered` context factory for ZeRO-3 instead of importing it.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import GenerationConfig, Qwen2ForCausalLM
+
+from data.vocab import SUBCODES, CodeVocab
+from mllm.presets import build_llm
+
+IGNORE_INDEX = -100
+_STATS_CHUNK_ROWS = 16384
+
+
+def no_gather(params: Sequence[nn.Parameter], modifier_rank: int | None = None):
+    """Default `gathered` factory: parameters are whole already (no ZeRO-3)."""
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary extension
+# ---------------------------------------------------------------------------------------------
+
+def _row_stats(weight: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std (fp32, on CPU) of weight[:n_rows], without an fp32 copy of the whole matrix."""
+    total = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
+    total_sq = torch.zeros_like(total)
+    for start in range(0, n_rows, _STATS_CHUNK_ROWS):
+        chunk = weight[start : min(start + _STATS_CHUNK_ROWS, n_rows)].double()
+        total += chunk.sum(0)
+        total_sq += (chunk * chunk).sum(0)
+    mean = total / n_rows
+    std = (total_sq / n_rows - mean * mean).clamp_min(0).sqrt()
+    return mean.float().cpu(), std.float().cpu()
+
+
+def _codebook_rows(features: torch.Tensor, hidden: int, mean, std, generator) -> torch.Tensor:
+    """A fixed random projection of the FSQ code vectors, standardised to the embedding's per-dim statistics."""
+    projection = torch.randn(features.shape[1], hidden, generator=generator)
+    projected = features.float().cpu() @ projection
+    projected = (projected - projected.mean(0)) / projected.std(0).clamp_min(1e-6)
+    return mean + projected * std
+
+
+def _init_new_rows(weight, vocab: CodeVocab, init: str, features, noise_std: float, generator) -> None:
+    """Write rows [embedding_rows, total_rows) of `weight` in place; rows below embedding_rows are untouched."""
+    mean, std = _row_stats(weight, vocab.text_vocab_size)
+    n_new = vocab.total_rows - vocab.embedding_rows
+    rows = mean + torch.randn(n_new, weight.shape[1], generator=generator) * (noise_std * std)
+    if init == "codebook":
+        rows[: vocab.codebook_size] = _codebook_rows(features, weight.shape[1], mean, std, generator)
+    weight[vocab.embedding_rows :] = rows.to(device=weight.device, dtype=weight.dtype)
+
+
+EMBEDDING_INITS = ("mean", "codebook")
+
+
+def extend_vocabulary(
+    llm: Qwen2ForCausalLM,
+    vocab: CodeVocab,
+    *,
+    init: str = "mean",
+    codebook_features: torch.Tensor | None = None,
+    noise_std: float = 0.05,
+    seed: int = 0,
+    gathered: Callable = no_gather,
+) -> None:
+    """Grow the LLM's embedding (and untied output head) from vocab.embedding_rows to vocab.total_rows.
+
+    Rows [0, embedding_rows) keep their values, the checkpoint's padding rows
+    [text_vocab_size, embedding_rows) included; only the new rows [embedding_rows, total_rows) are
+    written. init='mean': mean of the trained rows [0, text_vocab_size) plus Gaussian noise of
+    `noise_std` x their per-dimension std. init='codebook': code rows [code_base, code_base + K)
+    from a fixed random projection of `codebook_features` ([K, d], the FSQ implicit codebook)
+    scaled to the trained rows' mean/std; row_end and padding rows as for 'mean'. An untied output
+    head always gets 'mean' rows. `gathered(params, modifier_rank=0)` is entered around reads and
+    writes (deepspeed.zero.GatheredParameters under ZeRO-3, supplied by the caller).
+    """
+    if init not in EMBEDDING_INITS:
+        raise ValueError(f"unknown embedding init {init!r}; valid: {list(EMBEDDING_INITS)}")
+    rows = llm.get_input_embeddings().num_embeddings
+    if rows != vocab.embedding_rows:
+        raise ValueError(
+            f"LLM embedding has {rows} rows but CodeVocab.embedding_rows is {vocab.embedding_rows}: "
+            f"lay out the code vocabulary against this LLM (embedding_rows={rows})"
+        )
+    if init == "codebook":
+        if codebook_features is None or codebook_features.ndim != 2 or codebook_features.shape[0] != vocab.codebook_size:
+            shape = None if codebook_features is None else tuple(codebook_features.shape)
+            raise ValueError(
+                f"init='codebook' needs codebook_features of shape [{vocab.codebook_size}, d] (the FSQ implicit codebook); got {shape}"
+            )
+        if vocab.codebook_size < 2:
+            raise ValueError("init='codebook' needs at least 2 codes to standardise the projection; use init='mean'")
+    tied = bool(llm.config.tie_word_embeddings)
+
+    llm.resize_token_embeddings(vocab.total_rows, mean_resizing=False)
+    llm.config.vocab_size = vocab.total_rows
+    embedding = llm.get_input_embeddings().weight
+    head = llm.get_output_embeddings().weight
+    if tied and head is not embedding:
+        raise RuntimeError("config says tie_word_embeddings but lm_head.weight is not the embedding after resizing")
+
+    generator = torch.Generator().manual_seed(seed)
+    params = [embedding] if tied else [embedding, head]
+    with gathered(params, modifier_rank=0), torch.no_grad():
+        _init_new_rows(embedding, vocab, init, codebook_features, noise_std, generator)
+        if not tied:
+            _init_new_rows(head, vocab, "mean", None, noise_std, generator)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+
+class CodeMerger(nn.Module):
+    """[M, 4, H] sub-code embeddings -> [M, H]: concat then Linear(4H, H), started at their mean.
+
+    Weight [I I I I] / 4 and bias 0 make the initial output the mean of the four embeddings, while
+    the layer can learn which sub-code sits where (top-left, top-right, ...). Parameters are made
+    with their initial values (not written after construction) so that a ZeRO-3 partitioning
+    context around the constructor sees them initialised.
+    """
+
+    def __init__(self, hidden_size: int, subcodes: int = SUBCODES):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.subcodes = subcodes
+        eye = torch.eye(hidden_size)
+        self.weight = nn.Parameter(torch.cat([eye] * subcodes, dim=1) / subcodes)
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, sub_embeds: torch.Tensor) -> torch.Tensor:
+        return F.linear(sub_embeds.flatten(-2), self.weight, self.bias)
+
+
+def _varlen_kwargs(position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None) -> dict:
+    """flash-attn varlen arguments for the batch flattened into one row (one host sync per step)."""
+    total = position_ids.numel()
+    if cu_seqlens is not None and position_ids.shape[0] == 1:
+        cu = cu_seqlens.to(device=position_ids.device, dtype=torch.int32)
+    else:
+        starts = (position_ids.reshape(-1) == 0).nonzero().flatten()
+        cu = torch.cat([starts, starts.new_tensor([total])]).to(torch.int32)
+    if int(cu[0]) != 0:
+        cu = torch.cat([cu.new_zeros(1), cu])
+    if int(cu[-1]) < total:  # trailing padding becomes its own segment
+        cu = torch.cat([cu, cu.new_tensor([total])])
+    if int(cu[-1]) != total:
+        raise ValueError(f"cu_seqlens ends at {int(cu[-1])} but the packed row has {total} tokens")
+    max_len = int((cu[1:] - cu[:-1]).max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_len, "max_length_k": max_len}
+
+
+class ViQMLLM(nn.Module):
+    """Qwen2ForCausalLM (vocabulary already extended) + CodeMerger.
+
+    `forward(batch)` takes the packed batch of `data.packing` (input_ids, labels unshifted with
+    -100 for unsupervised tokens, position_ids restarting per sample, cu_seqlens, codes) and
+    returns {'loss_sum': fp32 sum of token cross-entropies, 'n_supervised': token count}; the
+    trainer divides by the global count across micro-batches and ranks.
+    """
+
+    def __init__(
+        self,
+        llm: Qwen2ForCausalLM,
+        vocab: CodeVocab,
+        *,
+        loss_chunk_size: int = 1024,
+        checkpoint_loss_chunks: bool = True,
+    ):
+        super().__init__()
+        rows = llm.get_input_embeddings().num_embeddings
+        if rows != vocab.total_rows:
+            raise ValueError(
+                f"LLM embedding has {rows} rows, CodeVocab needs {vocab.total_rows}: call extend_vocabulary(llm, vocab) first"
+            )
+        self.llm = llm
+        self.vocab = vocab
+        self.loss_chunk_size = loss_chunk_size
+        self.checkpoint_loss_chunks = checkpoint_loss_chunks
+        weight = llm.get_input_embeddings().weight
+        self.merger = CodeMerger(llm.config.hidden_size).to(device=weight.device, dtype=weight.dtype)
+
+    @property
+    def decoder_layer_class(self) -> type[nn.Module]:
+        """The transformer block class, for activation checkpointing / wrapping decided outside."""
+        return type(self.llm.model.layers[0])
+
+    @property
+    def config(self):
+        return self.llm.config
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        self.llm.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False}
+        )
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.llm.gradient_checkpointing_disable()
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def _check_codes(self, image_mask: torch.Tensor, codes: torch.Tensor) -> None:
+        if codes.ndim != 2 or codes.shape[1] != SUBCODES:
+            raise ValueError(f"codes must have shape [M, {SUBCODES}] (one row per image_pad position); got {tuple(codes.shape)}")
+        m = codes.shape[0]
+        if m:  # one host sync for the count and the id range together
+            n_pad, low, high = torch.stack([image_mask.sum(), codes.min(), codes.max()]).tolist()
+        else:
+            n_pad, low, high = int(image_mask.sum()), None, None
+        if n_pad != m:
+            raise ValueError(
+                f"input_ids hold {n_pad} image_pad positions (id {self.vocab.image_pad_id}) but codes has {m} rows; "
+                f"codes needs exactly one [{SUBCODES}] row per image_pad position, in order"
+            )
+        if m and (low < self.vocab.code_base or high >= self.vocab.row_end_id):
+            raise ValueError(
+                f"codes must be extended-vocabulary ids in [{self.vocab.code_base}, {self.vocab.row_end_id}) "
+                f"(FSQ index + CodeVocab.code_base); got min {low}, max {high}"
+            )
+
+    def embed_inputs(self, input_ids: torch.Tensor, codes: torch.Tensor | None) -> torch.Tensor:
+        """[B, T] ids + [M, 4] code ids -> [B, T, H] input vectors with merged codes at image_pad positions.
+
+        The merger runs on every call, on a zero-row input when the batch has no image, so each
+        rank executes the same modules every step (ZeRO-3 hangs otherwise).
+        """
+        if codes is None:
+            codes = input_ids.new_zeros((0, SUBCODES))
+        codes = codes.to(device=input_ids.device, dtype=torch.long)
+        image_mask = input_ids == self.vocab.image_pad_id
+        self._check_codes(image_mask, codes)
+        # One embedding call for text and code ids: a ZeRO-3 gather per step, not two.
+        vectors = self.llm.get_input_embeddings()(torch.cat([input_ids.reshape(-1), codes.reshape(-1)]))
+        n_tokens = input_ids.numel()
+        text = vectors[:n_tokens].view(*input_ids.shape, -1)
+        merged = self.merger(vectors[n_tokens:].view(codes.shape[0], SUBCODES, -1))
+        return text.masked_scatter(image_mask.unsqueeze(-1), merged.to(text.dtype))
+
+    def hidden_states(self, batch: dict) -> torch.Tensor:
+        """Final-norm hidden states [B, T, H] of a packed batch (no KV cache, no dense host mask)."""
+        input_ids = batch["input_ids"]
+        b, t = input_ids.shape
+        position_ids = batch.get("position_ids")
+        if position_ids is None:
+            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+        position_ids = position_ids.to(input_ids.device)
+        inputs_embeds = self.embed_inputs(input_ids, batch.get("codes"))
+        extra = {}
+        if self.llm.config._attn_implementation == "flash_attention_2":
+            # flash-attn detects packing only in a single row: flatten and pass cu_seqlens directly.
+            extra = _varlen_kwargs(position_ids, batch.get("cu_seqlens"))
+            inputs_embeds = inputs_embeds.reshape(1, b * t, -1)
+            position_ids = position_ids.reshape(1, b * t)
+        out = self.llm.model(
+            inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=None, use_cache=False, **extra
+        )
+        return out.last_hidden_state.view(b, t, -1)
+
+    # -- loss ---------------------------------------------------------------------------------
+
+    def _chunk_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.llm.get_output_embeddings()(hidden).float()
+        return F.cross_entropy(logits, targets, reduction="sum")
+
+    def loss_from_hidden(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fp32 sum of CE over supervised tokens, their count); logits exist one chunk at a time."""
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # position t predicts token t + 1
+        supervised = targets != IGNORE_INDEX
+        hidden, targets = hidden[supervised], targets[supervised]
+        n = targets.shape[0]
+        chunk = self.loss_chunk_size if self.loss_chunk_size > 0 else max(n, 1)
+        recompute = self.checkpoint_loss_chunks and torch.is_grad_enabled() and hidden.requires_grad
+        loss_sum = hidden.new_zeros((), dtype=torch.float32)
+        # At least one lm_head call even with nothing supervised: every rank runs the same modules.
+        for start in range(0, max(n, 1), chunk):
+            h, y = hidden[start : start + chunk], targets[start : start + chunk]
+            if recompute:  # keep only the hidden chunk for backward, not its fp32 logits
+                part = checkpoint(self._chunk_loss, h, y, use_reentrant=False)
+            else:
+                part = self._chunk_loss(h, y)
+            loss_sum = loss_sum + part
+        return loss_sum, supervised.sum()
+
+    def forward(self, batch: dict, *, return_logits: bool = False) -> dict:
+        hidden = self.hidden_states(batch)
+        out = {}
+        if batch.get("labels") is not None:
+            out["loss_sum"], out["n_supervised"] = self.loss_from_hidden(hidden, batch["labels"].to(hidden.device))
+        if return_logits:
+            out["logits"] = self.llm.get_output_embeddings()(hidden)
+        return out
+
+    def per_sample_losses(self, batch: dict) -> list[tuple[torch.Tensor, int]]:
+        """(loss_sum, supervised count) for every packed sample, in row-major order.
+
+        Samples are delimited by position_ids restarting at 0 (each row starts a sample).
+        """
+        hidden = self.hidden_states(batch)
+        labels = batch["labels"].to(hidden.device)
+        b, t = labels.shape
+        position_ids = batch.get("position_ids")
+        if position_ids is None:
+            position_ids = torch.arange(t, device=hidden.device).expand(b, t)
+        starts = position_ids.to(hidden.device) == 0
+        starts[:, 0] = True
+        sample_ids = starts.long().cumsum(-1) - 1
+        sample_ids = sample_ids + (starts.long().sum(-1).cumsum(0) - starts.long().sum(-1)).unsqueeze(-1)
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        logits = self.llm.get_output_embeddings()(hidden).float()
+        token_loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none", ignore_index=IGNORE_INDEX)
+        supervised = targets.flatten() != IGNORE_INDEX
+        flat_ids = sample_ids.flatten()
+        results = []
+        for sample in range(int(flat_ids.max()) + 1):
+            mine = flat_ids == sample
+            results.append((token_loss[mine].sum(), int((supervised & mine).sum())))
+        return results
+
+    # -- generation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_from_codes(
+        self,
+        prompts: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        max_new_tokens: int,
+        eos_token_id: int | list[int],
+        pad_token_id: int | None = None,
+    ) -> list[list[int]]:
+        """Batched greedy decoding with a KV cache; one list of new token ids per prompt, eos excluded.
+
+        prompts: (input_ids LongTensor[L], codes LongTensor[M, 4]) pairs, the codes being the
+        extended-vocabulary ids of the prompt's M image_pad positions. Prompts are left-padded and
+        masked, so each result equals decoding that prompt alone.
+        """
+        if not prompts:
+            return []
+        eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        pad = eos_ids[0] if pad_token_id is None else pad_token_id
+        if pad == self.vocab.image_pad_id:
+            raise ValueError(f"pad_token_id {pad} is the image_pad id; pick another padding id (e.g. eos)")
+        device = self.llm.get_input_embeddings().weight.device
+        longest = max(int(ids.numel()) for ids, _ in prompts)
+        input_ids = torch.full((len(prompts), longest), pad, dtype=torch.long, device=device)
+        attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long, device=device)
+        for row, (ids, _) in enumerate(prompts):
+            n = int(ids.numel())
+            input_ids[row, longest - n :] = ids.to(device).reshape(-1)
+            attention_mask[row, longest - n :] = 1
+        codes = torch.cat([c.reshape(-1, SUBCODES).to(device=device, dtype=torch.long) for _, c in prompts])
+        inputs_embeds = self.embed_inputs(input_ids, codes)
+        # Explicit neutral values: a checkpoint's generation_config.json (e.g. repetition_penalty 1.05)
+        # would otherwise fill in whatever is left unset.
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            eos_token_id=eos_ids,
+            pad_token_id=pad,
+        )
+        out = self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, generation_config=config)
+        results = []
+        for row in out.tolist():
+            cut = next((i for i, tok in enumerate(row) if tok in eos_ids), len(row))
+            results.append(row[:cut])
+        return results
+
+
+def build_mllm(
+    llm_name_or_path: str,
+    vocab: CodeVocab,
+    *,
+    attn_implementation: str = "auto",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    init: str = "mean",
+    codebook_features: torch.Tensor | None = None,
+    noise_std: float = 0.05,
+    seed: int = 0,
+    gathered: Callable = no_gather,
+    loss_chunk_size: int = 1024,
+    **config_overrides,
+) -> ViQMLLM:
+    """build_llm + extend_vocabulary + ViQMLLM: the training starting point (seed torch before a preset)."""
+    llm = build_llm(
+        llm_name_or_path, attn_implementation=attn_implementation, dtype=dtype, device=device, **config_overrides
+    )
+    extend_vocabulary(
+        llm, vocab, init=init, codebook_features=codebook_features, noise_std=noise_std, seed=seed, gathered=gathered
+    )
+    return ViQMLLM(llm, vocab, loss_chunk_size=loss_chunk_size)
