@@ -45,3 +45,13 @@ def test_block_diagonal_attention_never_crosses_segments():
     first = sdpa_varlen(q[:3], k[:3], v[:3], cu[:2], cu[:2])
     second = sdpa_varlen(q[3:], k[3:], v[3:], torch.tensor([0, 7], dtype=torch.int32), torch.tensor([0, 7], dtype=torch.int32))
     assert torch.allclose(out, torch.cat([first, second]), atol=1e-6)
+
+
+def test_long_packs_run_per_segment_with_same_result():
+    torch.manual_seed(1)
+    q, k, v = torch.randn(4200, 1, 8), torch.randn(4200, 1, 8), torch.randn(4200, 1, 8)
+    cu = torch.tensor([0, 1000, 4100, 4200], dtype=torch.int32)
+    looped = sdpa_varlen(q, k, v, cu, cu)
+    for a, b in [(0, 1000), (1000, 4100), (4100, 4200)]:
+        seg = torch.tensor([0, b - a], dtype=torch.int32)
+        assert torch.allclose(looped[a:b], sdpa_varlen(q[a:b], k[a:b], v[a:b], seg, seg), atol=1e-5)
