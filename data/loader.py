@@ -58,6 +58,9 @@ class LengthDataset(Protocol):
 class PackedLoader:
     """Packed batches for one rank; see the module docstring.
 
+    `stats` (PackingStats) and `n_tail_dropped` count the global plan (all ranks' packs),
+    so they read the same on every rank.
+
     Each batch is data.packing.concat_packed over `micro_batch_packs` packs, i.e. one row
     [1, micro_batch_packs * capacity] (when padding to capacity) with cu_seqlens, plus
     `sample_indices` (data set indices in row order) and `epoch`.
@@ -189,6 +192,25 @@ class PackedLoader:
             self.n_tail_dropped += counts["n_tail_dropped"]
         return True
 
+    def plan_epoch(self, epoch: int | None = None) -> tuple[list[list[int]], PackingStats]:
+        """Dry run: every pack of an epoch (all ranks, emission order) and its packing stats.
+
+        Uses the lengths only and leaves the loader's position untouched.
+        """
+        epoch = self.epoch if epoch is None else epoch
+        stats = PackingStats(capacity=self.capacity)
+        cursor, buffer_index, carry, all_packs = 0, 0, [], []
+        while cursor < len(self.lengths) or carry:
+            packs, cursor, carry, counts = self._plan_buffer(epoch, cursor, buffer_index, carry)
+            buffer_index += 1
+            all_packs.extend(packs)
+            stats.n_samples += counts["n_samples"]
+            stats.n_truncated += counts["n_truncated"]
+            stats.n_dropped += counts["n_dropped"]
+        stats.n_packs = len(all_packs)
+        stats.n_real_tokens = sum(self._effective_length(i) for pack in all_packs for i in pack)
+        return all_packs, stats
+
     @property
     def steps_per_epoch(self) -> int:
         """Batches per rank in the current epoch, from a dry run of the plan over the lengths.
@@ -197,12 +219,7 @@ class PackedLoader:
         percent. Cached per epoch.
         """
         if self.epoch not in self._steps_cache:
-            cursor, buffer_index, carry, n_packs = 0, 0, [], 0
-            while cursor < len(self.lengths) or carry:
-                packs, cursor, carry, _ = self._plan_buffer(self.epoch, cursor, buffer_index, carry)
-                buffer_index += 1
-                n_packs += len(packs)
-            self._steps_cache[self.epoch] = n_packs // self.group
+            self._steps_cache[self.epoch] = len(self.plan_epoch()[0]) // self.group
         return self._steps_cache[self.epoch]
 
     def __len__(self) -> int:

@@ -205,3 +205,5 @@ def test_steps_per_epoch_matches_and_efficiency_is_high():
     assert n == steps
     assert loader.stats.efficiency > 0.99
     assert loader.stats.n_samples == len(lengths)
+    packs, stats = loader.plan_epoch(0)
+    assert stats.to_dict() == loader.stats.to_dict() and len(packs) == steps
