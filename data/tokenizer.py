@@ -264,6 +264,7 @@ def load_qwen25_tokenizer(cache_dir: str | os.PathLike | None = None) -> PreTrai
             # leaves a half-written cache directory behind.
             staging = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=root))
             try:
+                staging.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
                 tokenizer.save_pretrained(staging)
                 try:
                     os.replace(staging, target)
