@@ -1,0 +1,97 @@
+"""Prompts exactly as VLMEvalKit's dataset classes build them (build_prompt).
+
+A prompt is a message list: [{'type': 'image', 'value': PIL image or file path}, ...,
+{'type': 'text', 'value': str}] with the images first, except for MMMU, whose text is cut
+at every '<image k>' and the k-th image placed there.
+
+- ImageBaseDataset (OCRBench, SimpleVQA): images + the question.
+- ImageVQADataset (DocVQA, InfoVQA, TextVQA, ChartQA): + '\\nAnswer the question using a
+  single word or phrase.'
+- ImageMCQDataset (MMStar, AI2D, MMMU): 'Hint: ...\\n' (when present), 'Question: ...\\n',
+  'Options:\\n' + 'A. ...\\n' per present option, then 'Please select the correct answer
+  from the options above. \\n' (the space before the newline is upstream's).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from eval.metrics.choice import build_choices, is_missing
+
+VQA_SUFFIX = '\nAnswer the question using a single word or phrase.'
+MCQ_INSTRUCTION = 'Please select the correct answer from the options above. \n'
+
+
+def image_values(record: dict, image_dir=None) -> list:
+    """PIL images, or (with image_dir) files written the way VLMEvalKit's dump_image writes
+    them: one image -> '<index>.jpg', several -> their `image_path` names (else
+    '<index>_<k>.jpg'); the model then reads the same JPEG bytes VLMEvalKit's models read."""
+    refs = record.get('image') or []
+    if image_dir is None:
+        return [ref.load() for ref in refs]
+    image_dir = Path(image_dir)
+    image_dir.mkdir(parents=True, exist_ok=True)
+    if len(refs) == 1:
+        names = [f"{record['index']}.jpg"]
+    else:
+        given = record.get('image_path')
+        names = list(given) if isinstance(given, (list, tuple)) and len(given) == len(refs) else [
+            f"{record['index']}_{k}.jpg" for k in range(len(refs))]
+    paths = []
+    for ref, name in zip(refs, names):
+        path = image_dir / name
+        if not path.is_file():
+            ref.load().save(path)
+        paths.append(str(path))
+    return paths
+
+
+def messages(images: list, text: str) -> list[dict]:
+    return [{'type': 'image', 'value': image} for image in images] + [{'type': 'text', 'value': text}]
+
+
+def base_prompt(record: dict, image_dir=None) -> list[dict]:
+    return messages(image_values(record, image_dir), str(record['question']))
+
+
+def vqa_prompt(record: dict, image_dir=None) -> list[dict]:
+    return messages(image_values(record, image_dir), str(record['question']) + VQA_SUFFIX)
+
+
+def mcq_text(record: dict) -> str:
+    options = build_choices(record)
+    text = ''
+    hint = record.get('hint')
+    if not is_missing(hint):
+        text += f'Hint: {hint}\n'
+    text += f"Question: {record['question']}\n"
+    if options:
+        text += 'Options:\n' + ''.join(f'{letter}. {option}\n' for letter, option in options.items())
+        text += MCQ_INSTRUCTION
+    return text
+
+
+def mcq_prompt(record: dict, image_dir=None) -> list[dict]:
+    return messages(image_values(record, image_dir), mcq_text(record))
+
+
+def interleave_images(msgs: list[dict], source: str = 'record') -> list[dict]:
+    """MMMU's split_MMMU: cut the text at '<image k>' and put image k (1-based) there.
+    Images never referenced are dropped; a text without markers is left as is."""
+    images = [m['value'] for m in msgs if m['type'] == 'image']
+    texts = [m['value'] for m in msgs if m['type'] == 'text']
+    if len(texts) != 1:
+        raise ValueError(f'{source}: expected one text message, got {len(texts)}')
+    pieces = texts[0].split('<image ')
+    if len(pieces) == 1:
+        return msgs
+    out = [{'type': 'text', 'value': pieces[0]}]
+    for piece in pieces[1:]:
+        # Upstream reads a single digit followed by '>' (MMMU has at most 7 images).
+        if len(piece) < 2 or not piece[0].isdigit() or piece[1] != '>':
+            raise ValueError(f"{source}: '<image {piece[:10]}' is not an '<image k>' marker with k in 1..9")
+        k = int(piece[0])
+        if not 1 <= k <= len(images):
+            raise ValueError(f'{source}: text refers to <image {k}> but the row has {len(images)} image(s)')
+        out.append({'type': 'image', 'value': images[k - 1]})
+        out.append({'type': 'text', 'value': piece[2:]})
+    return out
