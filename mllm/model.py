@@ -206,12 +206,18 @@ class ViQMLLM(nn.Module):
         return self.llm.config
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        self.llm.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False}
-        )
+        """HF activation checkpointing of every decoder layer (non-reentrant unless told otherwise)."""
+        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+        if hasattr(self.llm, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
-        self.llm.gradient_checkpointing_disable()
+        if hasattr(self.llm, "activation_checkpointing_disable"):
+            self.llm.activation_checkpointing_disable()
+        else:
+            self.llm.gradient_checkpointing_disable()
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -249,7 +255,7 @@ class ViQMLLM(nn.Module):
         vectors = self.llm.get_input_embeddings()(torch.cat([input_ids.reshape(-1), codes.reshape(-1)]))
         n_tokens = input_ids.numel()
         text = vectors[:n_tokens].view(*input_ids.shape, -1)
-        merged = self.merger(vectors[n_tokens:].view(codes.shape[0], SUBCODES, -1))
+        merged = self.merger(vectors[n_tokens:].view(codes.shape[0], SUBCODES, vectors.shape[-1]))
         return text.masked_scatter(image_mask.unsqueeze(-1), merged.to(text.dtype))
 
     def hidden_states(self, batch: dict) -> torch.Tensor:
@@ -309,15 +315,20 @@ class ViQMLLM(nn.Module):
     def per_sample_losses(self, batch: dict) -> list[tuple[torch.Tensor, int]]:
         """(loss_sum, supervised count) for every packed sample, in row-major order.
 
-        Samples are delimited by position_ids restarting at 0 (each row starts a sample).
+        Samples are delimited by `cu_seqlens` for a single row, else by position_ids restarting
+        at 0 (each row starts a sample).
         """
         hidden = self.hidden_states(batch)
         labels = batch["labels"].to(hidden.device)
         b, t = labels.shape
-        position_ids = batch.get("position_ids")
-        if position_ids is None:
-            position_ids = torch.arange(t, device=hidden.device).expand(b, t)
-        starts = position_ids.to(hidden.device) == 0
+        if batch.get("cu_seqlens") is not None and b == 1:
+            starts = torch.zeros((1, t), dtype=torch.bool, device=hidden.device)
+            starts[0, batch["cu_seqlens"][:-1].long().to(hidden.device)] = True
+        else:
+            position_ids = batch.get("position_ids")
+            if position_ids is None:
+                position_ids = torch.arange(t, device=hidden.device).expand(b, t)
+            starts = position_ids.to(hidden.device) == 0
         starts[:, 0] = True
         sample_ids = starts.long().cumsum(-1) - 1
         sample_ids = sample_ids + (starts.long().sum(-1).cumsum(0) - starts.long().sum(-1)).unsqueeze(-1)
