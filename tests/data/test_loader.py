@@ -207,3 +207,28 @@ def test_steps_per_epoch_matches_and_efficiency_is_high():
     assert loader.stats.n_samples == len(lengths)
     packs, stats = loader.plan_epoch(0)
     assert stats.to_dict() == loader.stats.to_dict() and len(packs) == steps
+
+
+def test_bench_data_script_reports_packing_loader_and_shards(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "bench.json"
+    subprocess.run(
+        [sys.executable, str(root / "scripts/bench_data.py"), "--n-samples", "3000", "--n-images", "60", "--out", str(out)],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    report = json.loads(out.read_text())
+    assert set(report["packing"]) == {"4096", "16384"}
+    assert report["packing"]["4096"]["n_samples"] == 3000
+    assert 0.9 < report["packing"]["4096"]["efficiency"] <= 1.0
+    assert report["shards"]["n_images"] == 60 and report["shards"]["mean_compression_ratio"] == pytest.approx(294.0)
+    assert report["loader"]["real_tokens"] > 0 and set(report["targets_met"]) == {
+        "packing_4096_ge_0.98",
+        "packing_16384_ge_0.995",
+        "loader_ge_200k_tokens_per_s_per_core",
+    }
