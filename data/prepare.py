@@ -1,0 +1,72 @@
+"""Get the training data ready: demo data set, records, code cache.
+
+With `data.train` empty the trainer uses the synthetic demo set under `data.root`,
+generating it when it is missing. In `codes` mode the code cache (`vision.codes_dir`,
+default `<data.root>/codes-<viq>`) is extracted first when absent (rank 0 extracts, the
+others wait), then opened with the settings it must match.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from data.conversations import load_mixture, load_records, mixture_order
+from data.extract import cache_meta, extract_codes
+from data.shards import CodeStore
+
+
+def train_path(cfg) -> Path:
+    return Path(cfg.data.train) if cfg.data.train else Path(cfg.data.root) / "train.jsonl"
+
+
+def default_codes_dir(cfg) -> Path:
+    if cfg.vision.codes_dir:
+        return Path(cfg.vision.codes_dir)
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.model.viq).name or cfg.model.viq)
+    base = Path(cfg.data.train).parent if cfg.data.train else Path(cfg.data.root)
+    return base / f"codes-{safe}"
+
+
+def load_training_records(cfg, seed: int):
+    """(records, image_root) for a conversations file or a mixture YAML (weighted draw)."""
+    path = train_path(cfg)
+    if path.suffix in (".yaml", ".yml"):
+        mixture = load_mixture(path)
+        per_source = mixture.load()
+        order = mixture_order([len(r) for r in per_source], mixture.weights, seed=seed, epoch=0)
+        records = [per_source[s][i] for s, i in order.tolist()]
+        image_root = cfg.data.image_root or None
+        return records, image_root
+    image_root = cfg.data.image_root or str(path.parent)
+    return load_records(path, image_root), image_root
+
+
+def prepare_training_data(cfg, viq_cfg, *, rank: int, barrier, get_viq, log=print):
+    """(records, image_root, code_store or None) with everything generated/extracted as needed."""
+    path = train_path(cfg)
+    if not path.exists():
+        if cfg.data.train:
+            raise FileNotFoundError(f"data.train: {path} does not exist")
+        if rank == 0:
+            from data.synthetic import make_synthetic_dataset
+
+            log(f"generating the synthetic demo data set ({cfg.data.synthetic_n} samples) in {cfg.data.root}")
+            make_synthetic_dataset(cfg.data.root, cfg.data.synthetic_n, seed=cfg.trainer.seed)
+        barrier()
+    records, image_root = load_training_records(cfg, cfg.trainer.seed)
+    if cfg.vision.source == "online":
+        return records, image_root, None
+    codes_dir = default_codes_dir(cfg)
+    if not (codes_dir / "manifest.json").exists():
+        if not cfg.vision.extract_if_missing:
+            raise FileNotFoundError(
+                f"vision.codes_dir: no code cache at {codes_dir}; run scripts/extract_codes.py or set vision.extract_if_missing=true"
+            )
+        if rank == 0:
+            log(f"extracting codes with {cfg.model.viq} into {codes_dir}")
+            summary = extract_codes(get_viq(), cfg.model.viq, records, str(codes_dir), key_root=image_root, log=None)
+            log(f"  {summary['images_encoded']} images at {summary['images_per_s']:.1f} images/s, "
+                f"compression {summary['compression_ratio'] or 0:.0f}x, {summary['images_skipped']} skipped")
+        barrier()
+    store = CodeStore(codes_dir, expected_meta=cache_meta(viq_cfg, cfg.model.viq))
+    return records, image_root, store

@@ -1,0 +1,161 @@
+"""Training configuration: one dataclass per part, YAML presets, `--set a.b=v` overrides.
+
+    cfg = load_config("configs/mllm/tiny.yaml", ["optim.lr=3e-4", "trainer.max_steps=50"])
+
+Unknown keys are rejected with the list of valid ones; the resolved config is written to
+the run directory as config.yaml. With no file the dataclass defaults are the embedded
+default: the tiny LLM and viq-tiny on the synthetic data set, CPU when there is no GPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from viq.config import ConfigError, apply_overrides, from_dict
+
+
+@dataclass
+class ModelConfig:
+    llm: str = "tiny"  # LLM preset (tiny, qwen2.5-0.5b/1.5b/7b) or a local HF checkpoint directory
+    viq: str = "viq-tiny"  # ViQ preset or a saved tokenizer directory
+    attn_implementation: str = "auto"  # auto | sdpa | flex_attention | flash_attention_2 | eager
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    vocab_init: str = "mean"  # mean | codebook: how the new code rows start
+    vocab_init_noise: float = 0.05
+    gradient_checkpointing: bool = False  # activation checkpointing of every decoder layer
+    loss_chunk_size: int = 1024
+
+
+@dataclass
+class VisionConfig:
+    source: str = "codes"  # codes: read cached shards | online: run the ViQ encoder in the loop
+    codes_dir: str = ""  # default: <data.root>/codes-<viq name>
+    extract_if_missing: bool = True  # extract codes before training when the cache is absent
+
+
+@dataclass
+class DataConfig:
+    root: str = "runs/data/synthetic"  # where the synthetic demo data lives (generated if missing)
+    train: str = ""  # conversations file (JSON/JSONL/parquet/HF dir) or mixture YAML; default <root>/train.jsonl
+    image_root: str = ""  # default: the directory of the train file
+    synthetic_n: int = 600  # size of the generated demo data set
+    max_seq_len: int = 4096
+    overlong: str = "truncate"  # truncate | drop: samples longer than max_seq_len, counted
+    buffer_size: int = 256  # samples packed together (best-fit-decreasing)
+    micro_batch_packs: int = 1  # packed rows per micro-batch
+    pad_to_capacity: bool = False  # pad each row to max_seq_len (static shapes on GPU)
+    system_prompt: str = ""  # empty: Qwen2.5's default system prompt
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-3
+    code_embedding_lr: float = 0.0  # > 0: separate LR for the new code/row-end rows and the merger
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+
+
+@dataclass
+class FreezeConfig:
+    text_embeddings: bool = False  # freeze the original (text) rows' embedding/head
+    llm_body: bool = False  # freeze the decoder layers and final norm
+
+
+@dataclass
+class TrainerConfig:
+    run_name: str = "tiny-synthetic"
+    runs_dir: str = "runs"
+    max_steps: int = 300
+    grad_accum: int = 1
+    zero_stage: int = 2
+    deepspeed_config: str = ""  # JSON file; default configs/deepspeed/zero<stage>.json
+    log_every: int = 10
+    save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    nonfinite: str = "stop"  # stop | skip: what a non-finite loss does
+    seed: int = 0
+    tensorboard: bool = True
+    progress: bool = True
+    export: bool = True  # write runs/<name>/hf/ at the end
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def validate(self) -> "TrainConfig":
+        choices = {
+            "vision.source": (self.vision.source, ("codes", "online")),
+            "data.overlong": (self.data.overlong, ("truncate", "drop")),
+            "model.dtype": (self.model.dtype, ("auto", "fp32", "bf16")),
+            "model.vocab_init": (self.model.vocab_init, ("mean", "codebook")),
+            "trainer.nonfinite": (self.trainer.nonfinite, ("stop", "skip")),
+            "model.attn_implementation": (
+                self.model.attn_implementation,
+                ("auto", "sdpa", "flex_attention", "flash_attention_2", "eager"),
+            ),
+        }
+        for key, (value, valid) in choices.items():
+            if value not in valid:
+                raise ConfigError(f"config key '{key}' is '{value}'; valid values: {', '.join(valid)}")
+        if self.trainer.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"config key 'trainer.zero_stage' is {self.trainer.zero_stage}; valid values: 0, 1, 2, 3")
+        positive = {
+            "data.max_seq_len": self.data.max_seq_len,
+            "data.buffer_size": self.data.buffer_size,
+            "data.micro_batch_packs": self.data.micro_batch_packs,
+            "trainer.max_steps": self.trainer.max_steps,
+            "trainer.grad_accum": self.trainer.grad_accum,
+            "optim.lr": self.optim.lr,
+        }
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"config key '{key}' must be positive, got {value}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.trainer.runs_dir) / self.trainer.run_name
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    data: dict = {}
+    source = None
+    if path:
+        source = str(path)
+        if not os.path.isfile(source):
+            raise ConfigError(f"config file not found: {source}")
+        with open(source) as fh:
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f"{source}:{mark.line + 1}" if mark else source
+                raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: a config file must be a mapping of sections (model, data, ...)")
+    data = apply_overrides(data, overrides or [])
+    return from_dict(TrainConfig, data, source=source or "--set").validate()
+
+
+def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,209 @@
+"""Everything DeepSpeed: distributed set-up, the engine, ZeRO gathering, freezing, groups.
+
+Model code (viq/, mllm/model.py) is plain single-device PyTorch and never imports
+deepspeed; this module applies parallelism and activation checkpointing from outside.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from viq.config import ConfigError
+
+log = logging.getLogger("mllm")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- distributed -------------------------------------------------------------------------
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank); works under the deepspeed launcher or as a lone process."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # run as plain `python`: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return rank, world, local_rank
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device_and_dtype(dtype_name: str) -> tuple[torch.device, torch.dtype]:
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+        dtype = torch.float32 if dtype_name == "fp32" else torch.bfloat16
+    else:
+        device = torch.device("cpu")
+        dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    return device, dtype
+
+
+def all_reduce_sum(value: float | int, device: torch.device) -> float:
+    t = torch.tensor(float(value), dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return float(t.item())
+
+
+def gathered(stage: int):
+    """Context-manager factory for reading/writing full parameters (ZeRO-3 shards them)."""
+    if stage == 3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters
+
+    @contextlib.contextmanager
+    def nothing(params, modifier_rank=None):
+        yield
+
+    return nothing
+
+
+# ---- DeepSpeed config ---------------------------------------------------------------------
+def load_ds_config(cfg, use_bf16: bool) -> dict:
+    """Read the ZeRO JSON (trainer.deepspeed_config or configs/deepspeed/zero<stage>.json) and
+    fill its "auto" values from the training config; explicit values in the file win."""
+    path = cfg.trainer.deepspeed_config or str(REPO_ROOT / "configs" / "deepspeed" / f"zero{cfg.trainer.zero_stage}.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"DeepSpeed config not found: {path} (trainer.deepspeed_config / trainer.zero_stage)")
+    try:
+        with open(path) as fh:
+            ds = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    o = cfg.optim
+    fill = {
+        "gradient_accumulation_steps": cfg.trainer.grad_accum,
+        "gradient_clipping": o.grad_clip,
+    }
+    for key, value in fill.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    ds.setdefault("train_micro_batch_size_per_gpu", 1)
+    ds.pop("train_batch_size", None)  # derived by DeepSpeed from micro batch x accumulation x ranks
+    bf16 = ds.setdefault("bf16", {})
+    if bf16.get("enabled", "auto") == "auto":
+        bf16["enabled"] = use_bf16
+    params = ds.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})
+    for key, value in {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}.items():
+        if params.get(key, "auto") == "auto":
+            params[key] = value
+    params.setdefault("torch_adam", True)  # DeepSpeed's fused Adam needs compiled ops
+    zero = ds.setdefault("zero_optimization", {})
+    zero.setdefault("stage", cfg.trainer.zero_stage)
+    leftover = [k for k, v in _walk(ds) if v == "auto"]
+    if leftover:
+        raise ConfigError(f"{path}: no value for 'auto' key(s) {', '.join(leftover)}")
+    return ds
+
+
+def _walk(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+# ---- freezing and parameter groups ----------------------------------------------------------
+def apply_freezing(model, cfg) -> dict:
+    """Apply config.freeze; returns the report that is logged. Decoder layers / final norm can
+    be frozen outright; the text rows of the embedding share a tensor with the code rows, so
+    their freezing is a gradient mask (rows below code_base get zero gradient)."""
+    code_base = model.vocab.code_base
+    frozen = []
+    if cfg.freeze.llm_body:
+        for name, p in model.llm.model.named_parameters():
+            if not name.startswith("embed_tokens"):
+                p.requires_grad_(False)
+                frozen.append(f"llm.model.{name}")
+    masked = []
+    if cfg.freeze.text_embeddings:
+        if cfg.optim.weight_decay:
+            raise ConfigError("freeze.text_embeddings needs optim.weight_decay=0 (decay would still move the frozen rows)")
+        tables = {id(model.llm.get_input_embeddings().weight): model.llm.get_input_embeddings().weight}
+        head = model.llm.get_output_embeddings()
+        if head is not None:
+            tables[id(head.weight)] = head.weight
+        for weight in tables.values():
+            weight.register_hook(lambda g: torch.cat([torch.zeros_like(g[:code_base]), g[code_base:]]) if g.shape[0] else g)
+            masked.append(f"{tuple(weight.shape)} rows [0, {code_base})")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"frozen_params": frozen, "masked_embedding_rows": masked, "trainable": trainable, "total": total}
+
+
+def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
+    return p.ndim < 2 or "norm" in name or "embed" in name or "lm_head" in name
+
+
+def build_param_groups(model, cfg) -> list[dict]:
+    """Decay / no-decay groups, plus a separate-LR group for the code merger when
+    optim.code_embedding_lr > 0. Asserts every trainable parameter is in exactly one group."""
+    o = cfg.optim
+    groups: dict[str, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if o.code_embedding_lr > 0 and name.startswith("merger."):
+            key, lr, wd = "code", o.code_embedding_lr, 0.0
+        elif _no_decay(name, p):
+            key, lr, wd = "no_decay", o.lr, 0.0
+        else:
+            key, lr, wd = "decay", o.lr, o.weight_decay
+        g = groups.setdefault(key, {"params": [], "names": [], "lr": lr, "weight_decay": wd, "name": key})
+        g["params"].append(p)
+        g["names"].append(name)
+    seen = [id(p) for g in groups.values() for p in g["params"]]
+    trainable = [id(p) for p in model.parameters() if p.requires_grad]
+    assert len(seen) == len(set(seen)) and set(seen) == set(trainable), "optimizer groups must cover each trainable parameter once"
+    return [
+        {"params": g["params"], "lr": g["lr"], "weight_decay": g["weight_decay"], "name": g["name"]}
+        for g in groups.values()
+    ], {k: len(g["names"]) for k, g in groups.items()}
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup from 1/warmup to 1, then cosine down to min_ratio."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def initialize_engine(model, cfg, use_bf16: bool):
+    """deepspeed.initialize with our groups and schedule; returns (engine, ds_config, group sizes)."""
+    import deepspeed
+
+    ds_config = load_ds_config(cfg, use_bf16)
+    if cfg.model.gradient_checkpointing:
+        # Checkpoint by layer class: every decoder layer of the LLM recomputes in backward.
+        model.gradient_checkpointing_enable()
+        log.info("activation checkpointing: every %s", model.decoder_layer_class.__name__)
+    groups, group_sizes = build_param_groups(model, cfg)
+    t = cfg.trainer
+
+    def scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: warmup_cosine(s, cfg.optim.warmup_steps, t.max_steps, cfg.optim.min_lr_ratio)
+        )
+
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config, lr_scheduler=scheduler)
+    return engine, ds_config, group_sizes

@@ -1,0 +1,354 @@
+"""The trainer: data, model, DeepSpeed engine, the training step, logging, checkpoints.
+
+    trainer = Trainer(cfg, resume="auto")
+    trainer.train()          # loops train_step() to trainer.max_steps, saves, exports
+
+One optimizer step = `grad_accum` micro-batches of packed rows on every rank. The loss of
+a step is the sum of token cross-entropies divided by the number of supervised tokens of
+the whole step: all micro-batches on all ranks (counted up front with one all-reduce).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.dataset import ConversationDataset
+from data.loader import PackedLoader
+from data.prepare import prepare_training_data
+from data.tokenizer import build_tokenizer
+from mllm import checkpoint as ckpt
+from mllm.config import TrainConfig, save_config
+from mllm.engine import (
+    all_reduce_sum,
+    apply_freezing,
+    device_and_dtype,
+    gathered,
+    init_distributed,
+    initialize_engine,
+)
+from mllm.export import save_export
+from mllm.model import build_mllm
+from viq import ViQModel
+from viq.bench import gpu_peak_flops
+
+log = logging.getLogger("mllm")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, resume: str | None = None):
+        self.cfg = cfg
+        self.rank, self.world, self.local_rank = init_distributed()
+        self.device, self.dtype = device_and_dtype(cfg.model.dtype)
+        self.is_main = self.rank == 0
+        self.run_dir = cfg.run_dir
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        _seed_everything(cfg.trainer.seed)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        self._viq = None
+        viq_cfg = self._viq_config()
+        self.tokenizer, self.vocab = build_tokenizer(cfg.model.llm, viq_cfg)
+        self.records, self.image_root, self.code_store = prepare_training_data(
+            cfg, viq_cfg, rank=self.rank, barrier=self._barrier, get_viq=lambda: self.viq, log=self.info
+        )
+        self.dataset = ConversationDataset(
+            self.records, self.tokenizer, self.vocab, source=cfg.vision.source, image_root=self.image_root,
+            code_store=self.code_store, resize_policy=viq_cfg.resize_policy, system=cfg.data.system_prompt or None,
+        )
+        if self.dataset.n_skipped:
+            self.info(f"data: skipped {self.dataset.n_skipped} record(s) {self.dataset.skipped}; e.g. {self.dataset.skipped_examples[0]}")
+        if len(self.dataset) == 0:
+            raise ValueError(f"no usable training records in {cfg.data.train or cfg.data.root}")
+        d = cfg.data
+        self.loader = PackedLoader(
+            self.dataset, d.max_seq_len, buffer_size=d.buffer_size, seed=cfg.trainer.seed, rank=self.rank,
+            world_size=self.world, micro_batch_packs=d.micro_batch_packs, overlong=d.overlong,
+            pad_to_capacity=d.pad_to_capacity, pad_id=self.tokenizer.pad_token_id, image_pad_id=self.vocab.image_pad_id,
+        )
+        self.info(
+            f"data: {len(self.dataset)} samples, {self.loader.steps_per_epoch} steps per epoch "
+            f"({d.max_seq_len} tokens x {d.micro_batch_packs} packs x {cfg.trainer.grad_accum} accumulation x {self.world} ranks)"
+        )
+        self.model = self._build_model()
+        freeze = apply_freezing(self.model, cfg)
+        self.info(f"trainable parameters: {freeze['trainable']:,} of {freeze['total']:,}; frozen: "
+                  f"{len(freeze['frozen_params'])} tensors; masked rows: {freeze['masked_embedding_rows'] or 'none'}")
+        self.engine, self.ds_config, groups = initialize_engine(self.model, cfg, self.dtype == torch.bfloat16)
+        self.info(f"optimizer groups: {groups}; ZeRO stage {self.ds_config['zero_optimization']['stage']}; "
+                  f"device {self.device}, dtype {self.dtype}, attention {self.model.llm.config._attn_implementation}")
+        self.step = 0
+        self.totals = {"tokens": 0, "samples": 0, "skipped_steps": 0}
+        self.peak_flops = gpu_peak_flops(self.device)
+        self.flops_per_token = self._dense_flops_per_token()
+        tag_dir = ckpt.find_resume(self.ckpt_dir, resume)
+        if tag_dir is not None:
+            self._resume(tag_dir)
+
+    # ---- construction ----------------------------------------------------------------------
+    def info(self, message: str) -> None:
+        if self.is_main:
+            print(f"[train] {message}", flush=True)
+
+    def _viq_config(self):
+        from viq.model import ViQConfig, get_preset
+
+        name = self.cfg.model.viq
+        if Path(name).is_dir():
+            return ViQConfig.from_dict(
+                {k: v for k, v in json.loads((Path(name) / "config.json").read_text()).items() if k != "model_type"},
+                source=str(Path(name) / "config.json"),
+            )
+        return get_preset(name)
+
+    @property
+    def viq(self) -> ViQModel:
+        """The ViQ tokenizer, loaded on first use (codes-mode training never needs it on the GPU)."""
+        if self._viq is None:
+            device = self.device if self.cfg.vision.source == "online" else "cpu"
+            self._viq = ViQModel.from_pretrained(self.cfg.model.viq, device=device)
+            self._viq.requires_grad_(False)
+        return self._viq
+
+    def _build_model(self):
+        c = self.cfg.model
+        features = None
+        if c.vocab_init == "codebook":
+            features = self.viq.codebook_vectors()
+        torch.manual_seed(self.cfg.trainer.seed)
+        model = build_mllm(
+            c.llm, self.vocab, attn_implementation=c.attn_implementation, dtype=self.dtype, device=self.device,
+            init=c.vocab_init, codebook_features=features, noise_std=c.vocab_init_noise, seed=self.cfg.trainer.seed,
+            loss_chunk_size=c.loss_chunk_size,
+        )
+        return model
+
+    def _dense_flops_per_token(self) -> float:
+        """6 x (non-embedding parameters) per token: forward + backward of the dense layers."""
+        cfg = self.model.llm.config
+        n = sum(p.numel() for name, p in self.model.llm.model.named_parameters() if "embed_tokens" not in name)
+        self.attn_flops_coeff = 6 * cfg.num_hidden_layers * cfg.hidden_size  # x sum(L_i^2) for causal attention
+        self.head_flops_per_token = 6 * cfg.hidden_size * self.vocab.total_rows
+        return 6.0 * n
+
+    # ---- the step --------------------------------------------------------------------------
+    def _to_device(self, batch: dict) -> dict:
+        out = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        if self.cfg.vision.source == "online":
+            with torch.no_grad():
+                codes = self.viq.encode_pixels([p.to(self.viq.device) for p in batch["images"]])
+            flat = [c.reshape(-1, 4) for c in codes]
+            ids = torch.cat(flat) if flat else torch.zeros((0, 4), dtype=torch.long)
+            out["codes"] = self.vocab.codes_to_ids(ids).to(self.device)
+        return out
+
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        """One optimizer step over this rank's micro-batches; returns the step's global metrics."""
+        t0 = time.perf_counter()
+        local_sup = sum(int(b["n_supervised"]) for b in micro_batches)
+        n_global = all_reduce_sum(local_sup, self.device)
+        scale = self.world / max(n_global, 1.0)  # DeepSpeed averages gradients over ranks
+        loss_total, skipped = 0.0, 0
+        self.engine.train()
+        for j, batch in enumerate(micro_batches):
+            out = self.engine(self._to_device(batch))
+            loss_sum = out["loss_sum"]
+            bad = all_reduce_sum(0.0 if torch.isfinite(loss_sum) else 1.0, self.device)
+            if bad:
+                if self.cfg.trainer.nonfinite == "stop":
+                    raise NonFiniteLossError(
+                        f"non-finite loss at step {self.step + 1}, micro-batch {j} (samples {batch.get('sample_indices', [])[:8]}); "
+                        "stopping before the update. Lower optim.lr or set trainer.nonfinite=skip to skip such batches"
+                    )
+                skipped += 1
+                continue
+            self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
+            self.engine.step()
+            loss_total += float(loss_sum.detach())
+        if skipped == len(micro_batches):
+            self.totals["skipped_steps"] += 1
+        seconds = time.perf_counter() - t0
+        tokens = all_reduce_sum(sum(int(b["n_real_tokens"]) for b in micro_batches), self.device)
+        capacity = all_reduce_sum(sum(int(b["input_ids"].numel()) for b in micro_batches), self.device)
+        samples = all_reduce_sum(sum(int(b["n_samples"]) for b in micro_batches), self.device)
+        loss_global = all_reduce_sum(loss_total, self.device)
+        sq = all_reduce_sum(sum(_sum_sq_lengths(b) for b in micro_batches), self.device)
+        flops = self.flops_per_token * tokens + self.attn_flops_coeff * sq + self.head_flops_per_token * n_global
+        return {
+            "loss_sum": loss_global, "n_supervised": n_global, "tokens": tokens, "capacity": capacity,
+            "samples": samples, "seconds": seconds, "flops": flops, "skipped_micro_batches": skipped,
+        }
+
+    # ---- the loop --------------------------------------------------------------------------
+    def train(self) -> dict:
+        t = self.cfg.trainer
+        writer = self._tensorboard()
+        progress = self._progress()
+        batches = self.loader.iter_forever()
+        interval: list[dict] = []
+        last = {}
+        metrics_path = self.run_dir / "metrics.jsonl"
+        while self.step < t.max_steps:
+            micro = [next(batches) for _ in range(t.grad_accum)]
+            m = self.train_step(micro)
+            self.step += 1
+            self.totals["tokens"] += int(m["tokens"])
+            self.totals["samples"] += int(m["samples"])
+            interval.append(m)
+            if progress is not None:
+                progress.update(1)
+                if m["n_supervised"]:
+                    progress.set_postfix(loss=f"{m['loss_sum'] / m['n_supervised']:.4f}")
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                last = self._log(interval, metrics_path, writer)
+                interval = []
+            if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
+                self.save()
+        if progress is not None:
+            progress.close()
+        self.save()
+        if t.export:
+            self.export()
+        if writer is not None:
+            writer.close()
+        return last
+
+    def _log(self, interval: list[dict], path: Path, writer) -> dict:
+        n_sup = sum(m["n_supervised"] for m in interval)
+        seconds = sum(m["seconds"] for m in interval)
+        tokens = sum(m["tokens"] for m in interval)
+        record = {
+            "step": self.step,
+            "loss": (sum(m["loss_sum"] for m in interval) / n_sup) if n_sup else float("nan"),
+            "lr": self.engine.get_lr()[0],
+            "tokens": self.totals["tokens"],
+            "tokens_per_s": tokens / seconds if seconds else 0.0,
+            "samples": self.totals["samples"],
+            "packing_efficiency": tokens / max(1, sum(m["capacity"] for m in interval)),
+            "supervised_tokens": n_sup,
+            "step_time_s": seconds / len(interval),
+            "grad_norm": _float_or_none(self.engine.get_global_grad_norm()),
+            "epoch": self.loader.epoch,
+        }
+        if self.totals["skipped_steps"]:
+            record["skipped_steps"] = self.totals["skipped_steps"]
+        if self.peak_flops:
+            record["mfu"] = sum(m["flops"] for m in interval) / seconds / (self.peak_flops * self.world)
+        if self.is_main:
+            with open(path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            if writer is not None:
+                for key in ("loss", "lr", "tokens_per_s", "packing_efficiency", "grad_norm", "mfu"):
+                    if record.get(key) is not None:
+                        writer.add_scalar(f"train/{key}", record[key], self.step)
+        return record
+
+    def _tensorboard(self):
+        if not (self.is_main and self.cfg.trainer.tensorboard):
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _progress(self):
+        if not (self.is_main and self.cfg.trainer.progress):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.trainer.max_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
+                    dynamic_ncols=True)
+
+    # ---- checkpoints and export ------------------------------------------------------------
+    def _barrier(self):
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def loop_state(self) -> dict:
+        return {"step": self.step, "totals": self.totals, "world_size": self.world,
+                "loader": self.loader.state_dict(), "rng": ckpt.rng_state()}
+
+    def save(self) -> Path:
+        tag_dir = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.step, self.loop_state(), rank=self.rank,
+                                       keep=self.cfg.trainer.keep_checkpoints, barrier=self._barrier)
+        self.info(f"saved checkpoint {tag_dir}")
+        return tag_dir
+
+    def _resume(self, tag_dir: Path) -> None:
+        state = ckpt.load_checkpoint(self.engine, tag_dir)
+        if state["world_size"] != self.world:
+            raise ValueError(f"{tag_dir}: saved with {state['world_size']} ranks, now {self.world}; resume with the same number of ranks")
+        self.step = state["step"]
+        self.totals = state["totals"]
+        self.loader.load_state_dict(state["loader"])
+        ckpt.set_rng_state(state["rng"])
+        self.info(f"resumed from {tag_dir} at step {self.step}")
+
+    def export(self) -> Path | None:
+        """runs/<name>/hf/: safetensors + config + tokenizer + ViQ tokenizer (rank 0 writes)."""
+        out = self.run_dir / "hf"
+        stage = self.ds_config["zero_optimization"]["stage"]
+        if stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+            if self.is_main:
+                save_export(self.model, self.tokenizer, self.vocab, out, self.viq, state_dict=state)
+        elif self.is_main:
+            save_export(self.model, self.tokenizer, self.vocab, out, self.viq)
+        self._barrier()
+        self.info(f"exported {out}")
+        return out
+
+
+def _sum_sq_lengths(batch: dict) -> float:
+    lens = batch["seq_lens"].double()
+    n_real = int(batch["n_real_tokens"])
+    # the padding tail (if any) is the last segment; it does no useful attention work
+    total = float((lens**2).sum())
+    if int(lens.sum()) > n_real:
+        total -= float(lens[-1] ** 2)
+    return total
+
+
+def _float_or_none(x):
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# Errors that mean "the input or config is wrong": reported as one line, exit status 1.
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, NonFiniteLossError)
+
+
+def run_training(cfg: TrainConfig, resume: str | None = None) -> int:
+    """Build the trainer, train, and report a user error as one line (exit status 1)."""
+    logging.basicConfig(level=logging.WARNING)
+    for name in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        trainer = Trainer(cfg, resume=resume)
+        last = trainer.train()
+    except USER_ERRORS as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"train_mllm: error: {message}", file=sys.stderr, flush=True)
+        return 1
+    if trainer.is_main:
+        print(f"[train] done: step {trainer.step}, loss {last.get('loss', float('nan')):.4f}; run directory {trainer.run_dir}")
+    return 0
