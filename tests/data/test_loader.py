@@ -138,6 +138,12 @@ def test_resume_yields_exactly_the_next_batches():
     it = first.iter_forever()
     head = [next(it) for _ in range(n // 2)]
     state = json.loads(json.dumps(first.state_dict()))  # the trainer stores it as JSON
+    # The state is global: rank 0 at the same step saves the very same state.
+    rank0 = PackedLoader(ds, 96, **dict(kwargs, rank=0))
+    it0 = rank0.iter_forever()
+    for _ in range(n // 2):
+        next(it0)
+    assert rank0.state_dict() == state
     resumed = PackedLoader(ds, 96, **kwargs)
     resumed.load_state_dict(state)
     tail = collect(resumed, n - n // 2)
