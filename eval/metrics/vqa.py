@@ -185,7 +185,8 @@ def _to_float(text: str):
 def relaxed_correctness(target: str, prediction: str, max_relative_change: float = 0.05) -> bool:
     """ChartQA relaxed match: |p - t| / |t| <= 5% when both parse as numbers and t != 0
     (a trailing '%' divides by 100); otherwise case-insensitive string equality. Nothing
-    else is stripped: '12.' or '$12' do not parse and fall back to string comparison."""
+    else is stripped: '$12', '1,200' or 'Yes.' do not parse / do not equal '12', '1200',
+    'Yes' (Python's float() does accept '12.' and surrounding whitespace)."""
     prediction_value = _to_float(prediction)
     target_value = _to_float(target)
     if prediction_value is not None and target_value:
