@@ -178,6 +178,9 @@ class ShardWriter:
         # On an exception the open shard stays unlisted, exactly as after a kill.
         if exc_type is None:
             self.close()
+        elif self._file is not None:
+            self._file.close()
+            self._file = None
 
     def _open_shard(self) -> None:
         if self._next_n > 99999:

@@ -214,3 +214,14 @@ def test_store_survives_pickling_for_worker_processes(tmp_path):
     store.get(key)  # opens a memory map
     clone = pickle.loads(pickle.dumps(store))
     assert torch.equal(clone.get(key), codes[key])
+
+
+def test_an_exception_inside_the_writer_leaves_only_complete_shards(tmp_path):
+    with pytest.raises(RuntimeError):
+        with ShardWriter(tmp_path, shard_bytes=100, meta=META16) as w:
+            w.add("a", torch.zeros(4, 4, 4, dtype=torch.long))  # 128 bytes: completes a shard
+            w.add("b", torch.zeros(1, 1, 4, dtype=torch.long))
+            raise RuntimeError("encoder failed")
+    assert done_keys(tmp_path) == {"a"}
+    merge_manifests(tmp_path)
+    assert CodeStore(tmp_path).keys() == ["a"]
