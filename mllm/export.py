@@ -1,0 +1,147 @@
+"""Hugging Face style export of a trained ViQMLLM, loadable without the training code.
+
+Layout of an export directory:
+    config.json, model*.safetensors, generation_config.json   the LLM (save_pretrained)
+    merger.safetensors                                         CodeMerger weights
+    vocab.json                                                 CodeVocab.to_dict()
+    viq_mllm.json                                              format marker + merger shape
+    tokenizer files                                            tokenizer.save_pretrained
+    viq/                                                       the ViQ tokenizer (optional)
+
+Loading is local only and never runs remote code.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from data.vocab import SUBCODES, CodeVocab
+from mllm.model import ViQMLLM
+from mllm.presets import build_llm
+
+FORMAT_NAME = "viq-mllm"
+FORMAT_VERSION = 1
+MERGER_FILE = "merger.safetensors"
+VOCAB_FILE = "vocab.json"
+MARKER_FILE = "viq_mllm.json"
+VIQ_SUBDIR = "viq"
+
+
+def _split_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    llm, merger = {}, {}
+    for key, value in state_dict.items():
+        if key.startswith("llm."):
+            llm[key[len("llm.") :]] = value
+        elif key.startswith("merger."):
+            merger[key[len("merger.") :]] = value
+        else:
+            raise KeyError(f"state_dict key {key!r} belongs to neither 'llm.' nor 'merger.'")
+    return llm, merger
+
+
+def save_export(
+    model: ViQMLLM,
+    tokenizer,
+    vocab: CodeVocab,
+    out_dir: str | Path,
+    viq_dir_or_config=None,
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write `out_dir` atomically (built beside it, then renamed into place).
+
+    tokenizer: anything with `save_pretrained` (or None). viq_dir_or_config: a ViQ tokenizer
+    directory to copy, an object with `save_pretrained` (e.g. viq.ViQModel), or None.
+    state_dict: a full ViQMLLM state dict ('llm.*', 'merger.*') to write instead of the module's
+    own parameters, e.g. the 16-bit consolidated weights of a ZeRO-3 run (call on one rank).
+    """
+    out = Path(out_dir)
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+
+    llm_state, merger_state = _split_state_dict(state_dict) if state_dict is not None else (None, None)
+    if merger_state is None:
+        merger_state = model.merger.state_dict()
+    model.llm.save_pretrained(partial, state_dict=llm_state)
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in merger_state.items()},
+        str(partial / MERGER_FILE),
+        metadata={"format": "pt"},
+    )
+    (partial / VOCAB_FILE).write_text(json.dumps(vocab.to_dict(), indent=2) + "\n")
+    marker = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "subcodes": SUBCODES, "hidden_size": model.merger.hidden_size}
+    (partial / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(partial)
+    if viq_dir_or_config is not None:
+        if isinstance(viq_dir_or_config, (str, Path)):
+            source = Path(viq_dir_or_config)
+            if not source.is_dir():
+                raise FileNotFoundError(f"ViQ tokenizer directory {source} does not exist")
+            shutil.copytree(source, partial / VIQ_SUBDIR)
+        elif hasattr(viq_dir_or_config, "save_pretrained"):
+            viq_dir_or_config.save_pretrained(partial / VIQ_SUBDIR)
+        else:
+            raise TypeError(
+                f"viq_dir_or_config must be a directory path or an object with save_pretrained, got {type(viq_dir_or_config).__name__}"
+            )
+
+    if out.exists():
+        previous = out.with_name(out.name + ".previous")
+        if previous.exists():
+            shutil.rmtree(previous)
+        out.rename(previous)
+        partial.rename(out)
+        shutil.rmtree(previous)
+    else:
+        partial.rename(out)
+    return out
+
+
+def load_export(
+    export_dir: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    attn_implementation: str = "auto",
+):
+    """(ViQMLLM in eval mode, tokenizer or None, CodeVocab) from a `save_export` directory."""
+    root = Path(export_dir)
+    missing = [name for name in ("config.json", MERGER_FILE, VOCAB_FILE, MARKER_FILE) if not (root / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{root} is not a ViQ-MLLM export: missing {', '.join(missing)}")
+    marker = json.loads((root / MARKER_FILE).read_text())
+    if marker.get("format") != FORMAT_NAME or marker.get("version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{root / MARKER_FILE}: format {marker.get('format')!r} v{marker.get('version')}, expected {FORMAT_NAME!r} v{FORMAT_VERSION}"
+        )
+    vocab = CodeVocab.from_dict(json.loads((root / VOCAB_FILE).read_text()))
+    llm = build_llm(root, attn_implementation=attn_implementation, dtype=dtype, device=device)
+    model = ViQMLLM(llm, vocab)
+    model.merger.load_state_dict(load_file(str(root / MERGER_FILE)))
+    model.to(device=device).eval()
+    tokenizer = None
+    if (root / "tokenizer.json").is_file():
+        # The fast tokenizer exactly as saved: AutoTokenizer would pick a class from config.json's
+        # model_type (qwen2) and rebuild the pipeline from the vocabulary instead.
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(root, local_files_only=True)
+    elif (root / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True, trust_remote_code=False)
+    return model, tokenizer, vocab
+
+
+def load_viq(export_dir: str | Path, device=None, dtype=None):
+    """The ViQ tokenizer stored in `<export_dir>/viq` (imported lazily: the LLM side does not need it)."""
+    path = Path(export_dir) / VIQ_SUBDIR
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} missing: the export was saved without a ViQ tokenizer")
+    from viq import ViQModel
+
+    return ViQModel.from_pretrained(path, device=device, dtype=dtype)
