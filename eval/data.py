@@ -190,6 +190,8 @@ def records_from_tsv(path: Path, benchmark: str, required_columns=()) -> list[di
                                     f"nor the index of a row that holds one")
                 value = str(target['image'])
             record['image'] = [ImageRef(p, benchmark, row_number, 'image') for p in _image_list(value)]
+        if isinstance(row.get('image_path'), str):
+            record['image_path'] = _image_list(row['image_path'])
         records.append(record)
     return records
 

@@ -187,3 +187,22 @@ def test_mmmu_images_interleave_in_text(tmp_path):
 def test_records_from_tsv_requires_file(tmp_path):
     with pytest.raises(DataError, match=r'SimpleVQA: data file .* not found'):
         records_from_tsv(tmp_path / 'SimpleVQA.tsv', 'SimpleVQA')
+
+
+def test_mmmu_tsv_multi_image_row_and_synthetic_alias(tmp_path):
+    one, two = png_b64((1, 1, 1)), png_b64((2, 2, 2))
+    write_tsv(tmp_path / 'MMMU_DEV_VAL.tsv', ['index', 'image', 'image_path', 'question', 'A', 'B', 'answer', 'split'], [
+        [5, str([one, two]), str(['5_1.png', '5_2.png']), '<image 2> or <image 1>?', 'left', 'right', 'A', 'dev'],
+    ])
+    benchmark = get_benchmark('MMMU_DEV_VAL')
+    record = benchmark.load(tmp_path)[0]
+    assert record['image_path'] == ['5_1.png', '5_2.png']
+    prompt = benchmark.build_prompt(record, image_dir=tmp_path / 'images')
+    assert [m['value'] for m in prompt if m['type'] == 'image'] == [
+        str(tmp_path / 'images' / '5_2.png'), str(tmp_path / 'images' / '5_1.png')]
+    assert prompt[0] == {'type': 'text', 'value': 'Question: '}
+    write_tsv(tmp_path / 'SYNTH_CHART.tsv', ['index', 'image', 'question', 'answer', 'category'],
+              [[0, one, 'Max bar?', '42', 'bar']])
+    alias = get_benchmark('SYNTH_VAL_CHART')
+    assert [r['answer'] for r in alias.load(tmp_path)] == [42]
+    assert alias.score([{'answer': 42, 'category': 'bar', 'prediction': '43'}]) == {'Overall': 100.0, 'bar': 100.0}
