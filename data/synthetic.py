@@ -18,8 +18,10 @@ Pillow build. Answers are one word or number, small enough for a tiny model to l
     out/train.jsonl, out/val.jsonl                LLaVA format (image path relative to out/)
     out/vlmeval/SYNTH_CHART.tsv, SYNTH_DOC.tsv, SYNTH_SHAPES.tsv   (validation split)
 The TSVs follow VLMEvalKit's layout: index, image (base64 PNG), question, answer, category,
-plus A-D for the multiple-choice file. Training prompts are what VLMEvalKit would ask: the
-bare question for VQA, and its default multiple-choice prompt (`mcq_prompt`) for shapes.
+plus A-D for the multiple-choice file. Training prompts are what VLMEvalKit asks for these
+benchmark types, so a model trained here is evaluated on the prompt it learned: the question
+plus "\nAnswer the question using a single word or phrase." for charts and documents
+(`vqa_prompt`), its default multiple-choice prompt (`mcq_prompt`) for shapes.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ MIN_SIDE, MAX_SIDE = 112, 448
 FAMILIES = ("chart", "doc", "shapes")
 TSV_NAMES = {"chart": "SYNTH_CHART", "doc": "SYNTH_DOC", "shapes": "SYNTH_SHAPES"}
 OPTION_LETTERS = ("A", "B", "C", "D")
+VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -71,7 +74,12 @@ class SyntheticSample:
 
     @property
     def prompt(self) -> str:
-        return mcq_prompt(self.question, self.options) if self.options else self.question
+        return mcq_prompt(self.question, self.options) if self.options else vqa_prompt(self.question)
+
+
+def vqa_prompt(question: str) -> str:
+    """VLMEvalKit's ImageVQADataset prompt (ChartQA / DocVQA style), also LLaVA's training suffix."""
+    return question + VQA_SUFFIX
 
 
 def mcq_prompt(question: str, options: list[str]) -> str:

@@ -1,6 +1,6 @@
 """Write the synthetic chart / document / shapes data set (LLaVA JSONL + VLMEvalKit TSVs).
 
-    python scripts/make_synthetic_data.py --out runs/synthetic_data --n 2000 [--seed 0] [--val-fraction 0.1]
+    python scripts/make_synthetic_data.py --out runs/data/synthetic --n 2000 [--seed 0] [--val-fraction 0.1]
 """
 from __future__ import annotations
 

@@ -185,7 +185,7 @@ def test_example_mixture_configs_parse():
         mixture = load_mixture(REPO / "configs" / "data" / name)
         assert mixture.sources and all(s.weight > 0 for s in mixture.sources)
     synthetic = load_mixture(REPO / "configs" / "data" / "synthetic_mixture.yaml").sources[0]
-    assert Path(synthetic.path).resolve() == REPO / "runs" / "synthetic_data" / "train.jsonl"
+    assert Path(synthetic.path).resolve() == REPO / "runs" / "data" / "synthetic" / "train.jsonl"
 
 
 def test_samples_per_source_is_exact():

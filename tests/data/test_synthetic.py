@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from data.conversations import load_records
-from data.synthetic import COLOURS, make_sample, mcq_prompt, write_synthetic_dataset
+from data.synthetic import COLOURS, make_sample, mcq_prompt, vqa_prompt, write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 csv.field_size_limit(1 << 30)
@@ -111,17 +111,18 @@ def test_training_prompt_matches_tsv_question(dataset):
     _, shapes = read_tsv(out / "vlmeval" / "SYNTH_SHAPES.tsv")
     _, charts = read_tsv(out / "vlmeval" / "SYNTH_CHART.tsv")
     shape_prompts = ["<image>\n" + mcq_prompt(r["question"], [r[k] for k in "ABCD"]) for r in shapes]
-    chart_prompts = ["<image>\n" + r["question"] for r in charts]
+    chart_prompts = ["<image>\n" + vqa_prompt(r["question"]) for r in charts]
     assert shape_prompts == [r["conversations"][0]["value"] for r in val if "_shapes_" in r["id"]]
     assert chart_prompts == [r["conversations"][0]["value"] for r in val if "_chart_" in r["id"]]
     assert [r["answer"] for r in shapes] == [r["conversations"][1]["value"] for r in val if "_shapes_" in r["id"]]
 
 
-def test_mcq_prompt_is_vlmevalkit_default():
+def test_prompts_are_vlmevalkit_defaults():
     assert mcq_prompt("How many?", ["1", "2", "3", "4"]) == (
         "Question: How many?\nOptions:\nA. 1\nB. 2\nC. 3\nD. 4\n"
         "Please select the correct answer from the options above. \n"
     )
+    assert vqa_prompt("What is the total?") == "What is the total?\nAnswer the question using a single word or phrase."
 
 
 def test_answers_are_verifiable_from_pixels_and_text():
