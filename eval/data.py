@@ -50,11 +50,12 @@ class DataError(ValueError):
 class ImageRef:
     """One image of one record: base64 text, encoded bytes or a file path, decoded on load()."""
 
-    def __init__(self, payload, benchmark: str, row: int, column: str):
+    def __init__(self, payload, benchmark: str, row: int, column: str, index=None):
         self.payload = payload
         self.benchmark = benchmark
-        self.row = row
+        self.row = row          # 0-based data row in the source file
         self.column = column
+        self.index = index      # the row's `index` value, when known
 
     def _bytes(self) -> bytes:
         if isinstance(self.payload, (bytes, bytearray)):
@@ -71,7 +72,8 @@ class ImageRef:
             image.load()
         except (binascii.Error, ValueError, TypeError, OSError, UnidentifiedImageError) as exc:
             detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise DataError(f"{self.benchmark}: row {self.row}, column '{self.column}': undecodable image "
+            where = f'row {self.row}' + ('' if self.index is None else f' (index {self.index})')
+            raise DataError(f"{self.benchmark}: {where}, column '{self.column}': undecodable image "
                             f"({type(exc).__name__}: {detail})") from None
         if image.mode in ('RGBA', 'P', 'LA'):
             image = image.convert('RGB')
@@ -175,11 +177,12 @@ def records_from_tsv(path: Path, benchmark: str, required_columns=()) -> list[di
     rows = read_tsv_rows(path)
     require_columns(rows, required_columns, path, f'required by {benchmark}')
     has_image = any('image' in r for r in rows)
+    numbered = list(enumerate(rows))
     if has_image:
-        rows = [r for r in rows if r.get('image') is not None]  # skip_noimg
-    by_index = {str(r['index']): r for r in rows} if rows and 'index' in rows[0] else {}
+        numbered = [(n, r) for n, r in numbered if r.get('image') is not None]  # skip_noimg
+    by_index = {str(r['index']): r for _, r in numbered} if rows and 'index' in rows[0] else {}
     records = []
-    for row_number, row in enumerate(rows):
+    for row_number, row in numbered:
         record = dict(row)
         if has_image:
             value = str(row['image'])
@@ -189,7 +192,8 @@ def records_from_tsv(path: Path, benchmark: str, required_columns=()) -> list[di
                     raise DataError(f"{path}: row {row_number}, column 'image': {value!r} is neither a base64 image "
                                     f"nor the index of a row that holds one")
                 value = str(target['image'])
-            record['image'] = [ImageRef(p, benchmark, row_number, 'image') for p in _image_list(value)]
+            record['image'] = [ImageRef(p, benchmark, row_number, 'image', row.get('index'))
+                               for p in _image_list(value)]
         if isinstance(row.get('image_path'), str):
             record['image_path'] = _image_list(row['image_path'])
         records.append(record)

@@ -63,8 +63,8 @@ def test_undecodable_base64_names_benchmark_row_and_column(tmp_path):
     with pytest.raises(DataError) as bad_b64:
         records[1]['image'][0].load()
     message = str(bad_b64.value)
-    assert message.startswith("DocVQA_VAL: row 1, column 'image': undecodable image") and '\n' not in message
-    with pytest.raises(DataError, match=r"DocVQA_VAL: row 2, column 'image': undecodable image \(UnidentifiedImage"):
+    assert message.startswith("DocVQA_VAL: row 1 (index 2), column 'image': undecodable image") and '\n' not in message
+    with pytest.raises(DataError, match=r"DocVQA_VAL: row 2 \(index 3\), column 'image': undecodable image \(UnidentifiedImage"):
         get_benchmark('DocVQA_VAL').build_prompt(records[2])
 
 
@@ -206,3 +206,13 @@ def test_mmmu_tsv_multi_image_row_and_synthetic_alias(tmp_path):
     alias = get_benchmark('SYNTH_VAL_CHART')
     assert [r['answer'] for r in alias.load(tmp_path)] == [42]
     assert alias.score([{'answer': 42, 'category': 'bar', 'prediction': '43'}]) == {'Overall': 100.0, 'bar': 100.0}
+
+
+def test_hf_undecodable_image_names_column(tmp_path):
+    pq.write_table(pa.table({'id': ['dev_Math_1'], 'question': ['<image 1> <image 2>'], 'options': [['1', '2']],
+                             'answer': ['B'], 'image_1': [_image_struct((0, 0, 0))],
+                             'image_2': [{'bytes': b'not a png', 'path': None}]}), tmp_path / 'm.parquet')
+    benchmark = get_benchmark('MMMU_DEV_VAL')
+    record = benchmark.load(path=tmp_path / 'm.parquet')[0]
+    with pytest.raises(DataError, match=r"^MMMU_DEV_VAL: row 0, column 'image_2': undecodable image"):
+        benchmark.build_prompt(record)
