@@ -15,7 +15,7 @@ Mixtures (`load_mixture`) are YAML:
 
     root: ../..                      # optional; relative paths resolve against it
     sources:                         # (default root: the YAML file's folder)
-      - {path: runs/synthetic/train.jsonl, image_root: runs/synthetic, weight: 1.0}
+      - {path: runs/data/synthetic/train.jsonl, image_root: runs/data/synthetic, weight: 1.0}
       - {path: llava_665k.json, image_root: /data/coco, weight: 0.5, format: json}
 
 `mixture_order(sizes, weights, seed, epoch)` turns per-source sampling weights into a

@@ -162,3 +162,12 @@ def test_unknown_preset_names_the_valid_ones(tmp_path):
         build_tokenizer("qwen9-huge", 16)
     with pytest.raises(FileNotFoundError, match="neither a tokenizer preset"):
         build_tokenizer(str(tmp_path / "missing"), 16)
+
+
+def test_viq_config_gives_the_codebook_size(cache_dir):
+    from viq.model import VIQ_PRESETS
+
+    for name, config in VIQ_PRESETS.items():
+        _, vocab = build_tokenizer("tiny", config, cache_dir=cache_dir)
+        assert vocab.codebook_size == config.codebook_size, name
+        assert vocab.row_end_id == 151936 + config.codebook_size
