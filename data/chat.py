@@ -34,6 +34,7 @@ Decisions, as LLaVA / LLaMA-Factory / Qwen's own fine-tuning scripts make them:
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from data.tokenizer import QWEN25_DEFAULT_SYSTEM
@@ -137,13 +138,19 @@ class _TurnEncoder:
         self.reserved = {vocab.vision_start_id, vocab.vision_end_id, vocab.image_pad_id}
 
     def _text(self, text: str, where: str) -> tuple[list[int], list[tuple[int, int]]]:
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            # The same Rust tokenizer `tokenizer(...)` runs, minus ~40 us of Python per call.
+            enc = backend.encode(text, add_special_tokens=False)
+            ids, offsets = enc.ids, enc.offsets
+        else:
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
         clash = self.reserved.intersection(ids)
         if clash:
             names = ", ".join(self.tokenizer.convert_ids_to_tokens(sorted(clash)))
             raise ValueError(f"{where}: text contains image token(s) {names}; use '<image>' placeholders instead")
-        return ids, list(enc["offset_mapping"])
+        return ids, offsets
 
     def encode(self, role: str, text: str, grids: list[tuple[int, int]], where: str, supervise: bool):
         """ids and labels of `<|im_start|>{role}\\n{text}<|im_end|>\\n`, consuming grids in order."""
@@ -181,7 +188,8 @@ def _grid_list(image_grids) -> list[tuple[int, int]]:
 
 
 def _as_tensor(values: list[int]) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long)
+    # Through numpy: a third of the cost of torch.tensor(list) at these lengths.
+    return torch.from_numpy(np.array(values, dtype=np.int64))
 
 
 def build_sample(
@@ -247,5 +255,5 @@ def build_prompt(tokenizer, vocab: CodeVocab, messages: list[dict], image_grids=
         turn_ids, _ = encoder.encode(role, text, grids[next_grid:next_grid + n_here], f"turn {index}", supervise=False)
         next_grid += n_here
         ids += turn_ids
-    ids += tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    ids += encoder._text("<|im_start|>assistant\n", "generation prompt")[0]
     return {"input_ids": _as_tensor(ids), "n_image_tokens": sum(h * w for h, w in grids)}

@@ -13,7 +13,7 @@ the seed: sample i uses its own generator seeded by (seed, i), so the first k sa
 the same whatever the total, and the same seed gives byte-identical files with the same
 Pillow build. Answers are one word or number, small enough for a tiny model to learn.
 
-`write_synthetic_dataset(out, n, seed, val_fraction)` writes
+`make_synthetic_dataset(out, n, seed, val_fraction)` writes
     out/images/<id>.png
     out/train.jsonl, out/val.jsonl                LLaVA format (image path relative to out/)
     out/vlmeval/SYNTH_CHART.tsv, SYNTH_DOC.tsv, SYNTH_SHAPES.tsv   (validation split)
@@ -265,7 +265,7 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def write_synthetic_dataset(out: str | Path, n: int, seed: int = 0, val_fraction: float = 0.1) -> dict:
+def make_synthetic_dataset(out: str | Path, n: int, seed: int = 0, val_fraction: float = 0.1) -> dict:
     """Draw `n` samples into `out` (see the module docstring); returns a summary dict."""
     if n <= 0:
         raise ValueError(f"--n must be positive, got {n}")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.synthetic import write_synthetic_dataset  # noqa: E402
+from data.synthetic import make_synthetic_dataset  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -22,7 +22,7 @@ def main(argv=None) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share of samples in the validation split")
     args = parser.parse_args(argv)
     try:
-        summary = write_synthetic_dataset(args.out, args.n, seed=args.seed, val_fraction=args.val_fraction)
+        summary = make_synthetic_dataset(args.out, args.n, seed=args.seed, val_fraction=args.val_fraction)
     except ValueError as error:
         parser.error(str(error))
     print(json.dumps(summary))

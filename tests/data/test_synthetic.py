@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from data.conversations import load_records
-from data.synthetic import COLOURS, make_sample, mcq_prompt, vqa_prompt, write_synthetic_dataset
+from data.synthetic import COLOURS, make_sample, mcq_prompt, vqa_prompt, make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 csv.field_size_limit(1 << 30)
@@ -24,7 +24,7 @@ csv.field_size_limit(1 << 30)
 def dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")
     start = time.perf_counter()
-    summary = write_synthetic_dataset(out, 200, seed=5, val_fraction=0.25)
+    summary = make_synthetic_dataset(out, 200, seed=5, val_fraction=0.25)
     return out, summary, time.perf_counter() - start
 
 
@@ -55,12 +55,12 @@ def test_fast_and_split_as_asked(dataset):
 
 def test_same_seed_same_bytes_other_seed_differs(dataset, tmp_path):
     out, _, _ = dataset
-    again = write_synthetic_dataset(tmp_path / "again", 200, seed=5, val_fraction=0.25)
+    again = make_synthetic_dataset(tmp_path / "again", 200, seed=5, val_fraction=0.25)
     assert again["val_per_benchmark"] == json.loads((out / "meta.json").read_text())["val_per_benchmark"]
     first, second = all_files(out), all_files(tmp_path / "again")
     first.pop("meta.json"), second.pop("meta.json")  # holds the output path
     assert first == second
-    write_synthetic_dataset(tmp_path / "other", 30, seed=6, val_fraction=0.0)
+    make_synthetic_dataset(tmp_path / "other", 30, seed=6, val_fraction=0.0)
     assert (tmp_path / "other" / "images" / "synth_chart_000000.png").read_bytes() != first["images/synth_chart_000000.png"]
     # Sample i does not depend on how many samples are drawn.
     assert (tmp_path / "again" / "images" / "synth_doc_000001.png").read_bytes() == first["images/synth_doc_000001.png"]
