@@ -3,9 +3,10 @@
 `build_tokenizer(llm, viq)` returns `(tokenizer, CodeVocab)`:
 
 - `llm` is a preset name (`qwen2.5-0.5b`, `qwen2.5-1.5b`, `qwen2.5-7b`, `tiny`; every Qwen2.5
-  size shares one vocabulary) or a local directory holding a tokenizer (and usually a
-  `config.json`). A directory is loaded with `AutoTokenizer` from local files only and never
-  with `trust_remote_code`.
+  size shares one vocabulary) or a local directory holding a tokenizer. A directory is loaded
+  with `AutoTokenizer` from local files only and never with `trust_remote_code`; the code ids
+  start at its `config.json` `vocab_size` (a Qwen2.5 checkpoint), or where the `vocab.json`
+  layout of a model export says they do.
 - `viq` gives the FSQ codebook size: an int, an object with `.levels` (or `.codebook_size`),
   or a dict with `levels` (or `codebook_size`).
 
@@ -280,6 +281,26 @@ def load_qwen25_tokenizer(cache_dir: str | os.PathLike | None = None) -> PreTrai
     return copy.deepcopy(_LOADED[key])
 
 
+def _saved_layout(path: Path) -> dict | None:
+    """The CodeVocab a model export saved beside its tokenizer (`vocab.json`), if any.
+
+    An export's config.json counts the already extended embedding, so its layout, not its
+    `vocab_size`, says where the code ids start. (A checkpoint's own vocab.json is the BPE
+    vocabulary, a token -> id map, and is told apart by its keys.)
+    """
+    layout_file = path / "vocab.json"
+    if not layout_file.is_file() or layout_file.stat().st_size > 65536:
+        return None
+    try:
+        layout = json.loads(layout_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    keys = {"text_vocab_size", "embedding_rows", "codebook_size"}
+    if isinstance(layout, dict) and keys <= set(layout) and all(isinstance(layout[k], int) for k in keys):
+        return layout
+    return None
+
+
 def _embedding_rows_from_config(path: Path, text_vocab_size: int) -> int:
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -312,6 +333,19 @@ def build_tokenizer(
                 f"'{name}' is neither a tokenizer preset ({', '.join(PRESET_EMBEDDING_ROWS)}) nor a local directory"
             )
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        layout = _saved_layout(path)
+        if layout is not None:
+            if layout["codebook_size"] != codebook_size:
+                raise ValueError(
+                    f"{path / 'vocab.json'}: this model was trained with a codebook of {layout['codebook_size']} "
+                    f"codes, but the ViQ config gives {codebook_size}"
+                )
+            if layout["text_vocab_size"] != len(tokenizer):
+                raise ValueError(
+                    f"{path / 'vocab.json'}: layout is for {layout['text_vocab_size']} tokenizer entries, "
+                    f"the tokenizer there has {len(tokenizer)}"
+                )
+            return tokenizer, CodeVocab.from_dict(layout)
         rows = _embedding_rows_from_config(path, len(tokenizer))
     vocab = CodeVocab(text_vocab_size=len(tokenizer), embedding_rows=rows, codebook_size=codebook_size)
     return tokenizer, vocab

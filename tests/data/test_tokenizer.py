@@ -13,6 +13,7 @@ from data.tokenizer import (
     build_tokenizer,
     codebook_size_of,
 )
+from data.vocab import CodeVocab
 
 QWEN25_SPECIAL_IDS = {
     "<|endoftext|>": 151643,
@@ -171,3 +172,18 @@ def test_viq_config_gives_the_codebook_size(cache_dir):
         _, vocab = build_tokenizer("tiny", config, cache_dir=cache_dir)
         assert vocab.codebook_size == config.codebook_size, name
         assert vocab.row_end_id == 151936 + config.codebook_size
+
+
+def test_model_export_directory_keeps_its_code_layout(built, tmp_path):
+    tokenizer, vocab = built
+    export = tmp_path / "hf"
+    tokenizer.save_pretrained(export)
+    # An export's config counts the extended embedding; its vocab.json holds the layout.
+    (export / "config.json").write_text(json.dumps({"model_type": "qwen2", "vocab_size": vocab.total_rows}))
+    saved = CodeVocab(text_vocab_size=151665, embedding_rows=151936, codebook_size=64000, pad_to=128)
+    (export / "vocab.json").write_text(json.dumps(saved.to_dict()))
+    loaded, layout = build_tokenizer(str(export), 64000)
+    assert layout == saved and layout.total_rows == 216064 and len(loaded) == 151665
+    assert loaded("Hello world")["input_ids"] == [9707, 1879]
+    with pytest.raises(ValueError, match="trained with a codebook of 64000 codes, but the ViQ config gives 1000"):
+        build_tokenizer(str(export), 1000)
