@@ -60,6 +60,7 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    schedule_steps: int = 0  # length of the warmup + cosine schedule; 0: trainer.max_steps
     grad_clip: float = 1.0
 
 

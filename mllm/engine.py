@@ -198,11 +198,11 @@ def initialize_engine(model, cfg, use_bf16: bool):
         model.gradient_checkpointing_enable()
         log.info("activation checkpointing: every %s", model.decoder_layer_class.__name__)
     groups, group_sizes = build_param_groups(model, cfg)
-    t = cfg.trainer
+    total = cfg.optim.schedule_steps or cfg.trainer.max_steps
 
     def scheduler(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: warmup_cosine(s, cfg.optim.warmup_steps, t.max_steps, cfg.optim.min_lr_ratio)
+            optimizer, lambda s: warmup_cosine(s, cfg.optim.warmup_steps, total, cfg.optim.min_lr_ratio)
         )
 
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config, lr_scheduler=scheduler)

@@ -118,6 +118,13 @@ def extend_vocabulary(
     generator = torch.Generator().manual_seed(seed)
     params = [embedding] if tied else [embedding, head]
     with gathered(params, modifier_rank=0), torch.no_grad():
+        for param in params:
+            if tuple(param.shape) != (vocab.total_rows, llm.config.hidden_size):
+                raise RuntimeError(
+                    f"after resizing, a vocabulary matrix has shape {tuple(param.shape)} inside gathered(), expected "
+                    f"({vocab.total_rows}, {llm.config.hidden_size}): under ZeRO-3 pass deepspeed.zero.GatheredParameters "
+                    "as `gathered` and keep transformers' HfDeepSpeedConfig alive, or extend before deepspeed.initialize"
+                )
         _init_new_rows(embedding, vocab, init, codebook_features, noise_std, generator)
         if not tied:
             _init_new_rows(head, vocab, "mean", None, noise_std, generator)

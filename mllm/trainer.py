@@ -15,6 +15,7 @@ import math
 import random
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -181,7 +182,9 @@ class Trainer:
             self.totals["skipped_steps"] += 1
         seconds = time.perf_counter() - t0
         tokens = all_reduce_sum(sum(int(b["n_real_tokens"]) for b in micro_batches), self.device)
-        capacity = all_reduce_sum(sum(int(b["input_ids"].numel()) for b in micro_batches), self.device)
+        # Efficiency against the full capacity of every pack, whether or not rows were padded to it.
+        pack_capacity = self.cfg.data.max_seq_len * self.cfg.data.micro_batch_packs
+        capacity = all_reduce_sum(pack_capacity * len(micro_batches), self.device)
         samples = all_reduce_sum(sum(int(b["n_samples"]) for b in micro_batches), self.device)
         loss_global = all_reduce_sum(loss_total, self.device)
         sq = all_reduce_sum(sum(_sum_sq_lengths(b) for b in micro_batches), self.device)
@@ -189,6 +192,7 @@ class Trainer:
         return {
             "loss_sum": loss_global, "n_supervised": n_global, "tokens": tokens, "capacity": capacity,
             "samples": samples, "seconds": seconds, "flops": flops, "skipped_micro_batches": skipped,
+            "sample_indices": [i for b in micro_batches for i in b.get("sample_indices", [])],
         }
 
     # ---- the loop --------------------------------------------------------------------------
@@ -241,6 +245,8 @@ class Trainer:
             "step_time_s": seconds / len(interval),
             "grad_norm": _float_or_none(self.engine.get_global_grad_norm()),
             "epoch": self.loader.epoch,
+            # Which samples rank 0 trained on since the last record: equal runs, equal fingerprints.
+            "data_fingerprint": zlib.crc32(json.dumps([m["sample_indices"] for m in interval]).encode()),
         }
         if self.totals["skipped_steps"]:
             record["skipped_steps"] = self.totals["skipped_steps"]

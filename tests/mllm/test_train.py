@@ -1,0 +1,124 @@
+"""End-to-end training through the real entry point (deepspeed launcher, CPU, gloo)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures import make_colour_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+FAST = ["--set", "data.max_seq_len=1024", "--set", "data.buffer_size=16", "--set", "trainer.log_every=1",
+        "--set", "trainer.progress=false", "--set", "trainer.tensorboard=false", "--set", "optim.warmup_steps=2"]
+
+
+def launch(args, *, ranks=1, timeout=600, check=True, env_extra=None):
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1" if ranks > 1 else "2")
+    env.update(env_extra or {})
+    port = str(29500 + os.getpid() % 1000)
+    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", port, "scripts/train_mllm.py", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def colour_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("colours")
+    return make_colour_dataset(root, n=30)
+
+
+@pytest.mark.slow
+def test_train_exports_and_loss_falls(colour_data, tmp_path):
+    run = tmp_path / "run"
+    launch(["--set", f"data.train={colour_data}", "--run-dir", str(run), "--max-steps", "8", *FAST])
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    for key in ("step", "loss", "lr", "tokens", "tokens_per_s", "samples", "packing_efficiency"):
+        assert key in rows[0]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert 0 < rows[0]["packing_efficiency"] <= 1
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "latest").read_text() == "step_00000008"
+    from mllm.export import load_export, load_viq
+
+    model, tokenizer, vocab = load_export(run / "hf")
+    assert vocab.code_base == 151936 and tokenizer is not None and len(tokenizer) == 151665
+    assert load_viq(run / "hf").codebook_size == vocab.codebook_size
+
+
+@pytest.mark.slow
+def test_resume_after_kill_continues_with_the_exact_next_batch(colour_data, tmp_path):
+    common = ["--set", f"data.train={colour_data}", *FAST, "--set", "trainer.export=false", "--set", "optim.schedule_steps=6"]
+    straight = tmp_path / "straight"
+    launch([*common, "--run-dir", str(straight), "--max-steps", "6"])
+
+    killed = tmp_path / "killed"
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    port = str(29700 + os.getpid() % 200)
+    proc = subprocess.Popen(
+        [DEEPSPEED, "--num_gpus", "1", "--master_port", port, "scripts/train_mllm.py", *common,
+         "--run-dir", str(killed), "--max-steps", "60", "--save-every", "3"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (latest.is_file() and latest.read_text() == "step_00000003"):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole launcher tree, mid-training
+    proc.wait()
+    assert latest.read_text() == "step_00000003"
+    rows = metrics(killed)
+    (killed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= 3))
+    launch([*common, "--run-dir", str(killed), "--max-steps", "6", "--resume", "auto"])
+    a, b = metrics(straight), metrics(killed)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a, b):
+        assert ra["data_fingerprint"] == rb["data_fingerprint"], (ra["step"], ra, rb)
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6, abs=1e-6), ra["step"]
+        assert ra["samples"] == rb["samples"] and ra["tokens"] == rb["tokens"]
+
+
+@pytest.mark.slow
+def test_two_rank_zero3_trains_saves_and_resumes(colour_data, tmp_path):
+    run = tmp_path / "z3"
+    common = ["--set", f"data.train={colour_data}", *FAST, "--set", "trainer.zero_stage=3", "--run-dir", str(run)]
+    launch([*common, "--max-steps", "3"], ranks=2)
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000003"
+    shards = sorted(p.name for p in (run / "checkpoints" / "step_00000003").glob("*optim_states.pt"))
+    assert len(shards) == 2  # one optimizer partition per rank
+    proc = launch([*common, "--max-steps", "5", "--resume", "auto"], ranks=2)
+    assert "resumed from" in proc.stdout
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5]
+    from mllm.export import load_export
+
+    model, _, vocab = load_export(run / "hf")
+    assert model.llm.get_input_embeddings().weight.shape[0] == vocab.total_rows
+
+
+def test_unknown_config_key_is_one_line_error(tmp_path):
+    proc = subprocess.run([sys.executable, "scripts/train_mllm.py", "--set", "optim.lrr=1"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "unknown config key 'optim.lrr'" in err[0] and "valid keys under optim: " in err[0]
+
+
+def test_bad_yaml_and_value_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  llm: tiny\n data: [\n")
+    proc = subprocess.run([sys.executable, "scripts/train_mllm.py", "--config", str(bad)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and f"{bad}:" in proc.stderr and "invalid YAML" in proc.stderr
+    proc = subprocess.run([sys.executable, "scripts/train_mllm.py", "--set", "vision.source=pixels"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert "config key 'vision.source' is 'pixels'; valid values: codes, online" in proc.stderr
