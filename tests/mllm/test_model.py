@@ -1,6 +1,8 @@
 """ViQMLLM on the tiny preset (CPU, fp32, sdpa): packing isolation, vocabulary extension, merger, generation."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
@@ -229,8 +231,6 @@ def test_extend_vocabulary_tied_keeps_old_rows_and_appends_past_the_padding():
 
     def gathered(params, modifier_rank=None):
         calls.append(([tuple(p.shape) for p in params], modifier_rank))
-        import contextlib
-
         return contextlib.nullcontext()
 
     extend_vocabulary(llm, VOCAB, init="mean", noise_std=0.05, seed=3, gathered=gathered)
