@@ -125,8 +125,9 @@ def _walk(d, prefix=""):
 # ---- freezing and parameter groups ----------------------------------------------------------
 def apply_freezing(model, cfg) -> dict:
     """Apply config.freeze; returns the report that is logged. Decoder layers / final norm can
-    be frozen outright; the text rows of the embedding share a tensor with the code rows, so
-    their freezing is a gradient mask (rows below code_base get zero gradient)."""
+    be frozen outright. Text rows: with split tables (model.split_code_rows) the text_rows
+    Parameters are frozen outright; otherwise they share a tensor with the code rows, so their
+    freezing is a gradient mask (rows below code_base get zero gradient)."""
     code_base = model.vocab.code_base
     frozen = []
     if cfg.freeze.llm_body:
@@ -135,7 +136,12 @@ def apply_freezing(model, cfg) -> dict:
                 p.requires_grad_(False)
                 frozen.append(f"llm.model.{name}")
     masked = []
-    if cfg.freeze.text_embeddings:
+    if cfg.freeze.text_embeddings and model.code_rows_split:
+        for name, p in model.llm.named_parameters():  # a tied head's tables appear once, as the embedding's
+            if name.endswith(".text_rows"):
+                p.requires_grad_(False)
+                frozen.append(f"llm.{name}")
+    elif cfg.freeze.text_embeddings:
         if cfg.optim.weight_decay:
             raise ConfigError("freeze.text_embeddings needs optim.weight_decay=0 (decay would still move the frozen rows)")
         tables = {id(model.llm.get_input_embeddings().weight): model.llm.get_input_embeddings().weight}
@@ -155,14 +161,19 @@ def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
 
 
 def build_param_groups(model, cfg) -> list[dict]:
-    """Decay / no-decay groups, plus a separate-LR group for the code merger when
-    optim.code_embedding_lr > 0. Asserts every trainable parameter is in exactly one group."""
+    """Decay / no-decay groups, plus, when optim.code_embedding_lr > 0, a "code" group (that LR,
+    no weight decay) of the code merger and the code_rows tables of the split embedding / untied
+    head (model.split_code_rows). Asserts every trainable parameter is in exactly one group."""
     o = cfg.optim
+    if o.code_embedding_lr > 0 and not model.code_rows_split:
+        raise ConfigError(
+            "optim.code_embedding_lr > 0 needs the code rows in their own tensors: call model.split_code_rows() first"
+        )
     groups: dict[str, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if o.code_embedding_lr > 0 and name.startswith("merger."):
+        if o.code_embedding_lr > 0 and (name.startswith("merger.") or name.endswith(".code_rows")):
             key, lr, wd = "code", o.code_embedding_lr, 0.0
         elif _no_decay(name, p):
             key, lr, wd = "no_decay", o.lr, 0.0

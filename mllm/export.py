@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from data.vocab import SUBCODES, CodeVocab
-from mllm.model import ViQMLLM
+from mllm.model import CODE_ROWS, TEXT_ROWS, ViQMLLM
 from mllm.presets import build_llm
 
 FORMAT_NAME = "viq-mllm"
@@ -44,6 +44,54 @@ def _split_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     return llm, merger
 
 
+EMBEDDING_PREFIX = "llm.model.embed_tokens"
+HEAD_PREFIX = "llm.lm_head"
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and a.data_ptr() == b.data_ptr():
+        return True  # one storage seen under two names (a tied parameter)
+    return a.shape == b.shape and torch.equal(a, b.to(a))
+
+
+def _pop_split_tables(state: dict, prefix: str) -> list[torch.Tensor] | None:
+    names = [f"{prefix}.{TEXT_ROWS}", f"{prefix}.{CODE_ROWS}"]
+    present = [name for name in names if name in state]
+    if not present:
+        return None
+    if len(present) == 1:
+        raise KeyError(f"state_dict has split table {present[0]!r} but not {(set(names) - set(present)).pop()!r}")
+    if f"{prefix}.weight" in state:
+        raise KeyError(f"state_dict has both split tables {names} and '{prefix}.weight'")
+    return [state.pop(name) for name in names]
+
+
+def merge_split_tables(state_dict: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
+    """A ViQMLLM state dict with split vocabulary tables -> the standard layout (a new dict).
+
+    '<table>.text_rows' + '<table>.code_rows' become '<table>.weight' (rows concatenated) for
+    llm.model.embed_tokens and llm.lm_head. A tied model writes only the embedding: its head
+    tables must be the embedding's (the same tensors or equal values). Other keys pass through;
+    a state dict without split names comes back with the same entries.
+    """
+    merged = dict(state_dict)
+    embedding = _pop_split_tables(merged, EMBEDDING_PREFIX)
+    head = _pop_split_tables(merged, HEAD_PREFIX)
+    if embedding is None:
+        if head is not None:
+            raise KeyError(f"state_dict has split '{HEAD_PREFIX}' tables but no '{EMBEDDING_PREFIX}.{TEXT_ROWS}' / '{CODE_ROWS}'")
+        return merged
+    merged[f"{EMBEDDING_PREFIX}.weight"] = torch.cat(embedding)
+    if tied:
+        if head is not None and not all(_same_values(h, e) for h, e in zip(head, embedding)):
+            raise ValueError(f"tie_word_embeddings is set but the state_dict's '{HEAD_PREFIX}' tables differ from the embedding's")
+    elif head is not None:
+        merged[f"{HEAD_PREFIX}.weight"] = torch.cat(head)
+    elif f"{HEAD_PREFIX}.weight" not in merged:
+        raise KeyError(f"untied model: state_dict has neither '{HEAD_PREFIX}.weight' nor '{HEAD_PREFIX}.{TEXT_ROWS}' / '{CODE_ROWS}'")
+    return merged
+
+
 def save_export(
     model: ViQMLLM,
     tokenizer,
@@ -59,6 +107,8 @@ def save_export(
     directory to copy, an object with `save_pretrained` (e.g. viq.ViQModel), or None.
     state_dict: a full ViQMLLM state dict ('llm.*', 'merger.*') to write instead of the module's
     own parameters, e.g. the 16-bit consolidated weights of a ZeRO-3 run (call on one rank).
+    The export always has the standard HF layout: split vocabulary tables (ViQMLLM.split_code_rows,
+    in the model or in `state_dict`) are merged into the written weights; the live model is untouched.
     """
     out = Path(out_dir)
     partial = out.with_name(out.name + ".partial")
@@ -66,6 +116,10 @@ def save_export(
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
 
+    if state_dict is None and model.code_rows_split:
+        state_dict = model.state_dict()
+    if state_dict is not None:
+        state_dict = merge_split_tables(state_dict, tied=bool(model.llm.config.tie_word_embeddings))
     llm_state, merger_state = _split_state_dict(state_dict) if state_dict is not None else (None, None)
     if merger_state is None:
         merger_state = model.merger.state_dict()

@@ -131,6 +131,95 @@ def extend_vocabulary(
 
 
 # ---------------------------------------------------------------------------------------------
+# Split vocabulary tables: text rows and code rows as separate Parameters
+# ---------------------------------------------------------------------------------------------
+
+TEXT_ROWS = "text_rows"
+CODE_ROWS = "code_rows"
+
+
+class SplitEmbedding(nn.Module):
+    """An nn.Embedding of `text_rows.shape[0] + code_rows.shape[0]` rows stored as two Parameters.
+
+    text_rows: [code_base, H] (tokenizer entries + the checkpoint's padding rows); code_rows:
+    [total_rows - code_base, H] (code ids, row_end and the padding past it). Two tensors let the
+    optimizer give the new rows their own learning rate: Adam normalises per element, so scaling
+    gradient rows cannot do that, and ZeRO flattens parameters. Both tables are read on every call
+    (a lookup of index 0 stands in for the other table's ids), so each ZeRO-3 rank gathers the
+    same parameters every step; no copy of the full matrix is ever built.
+    """
+
+    def __init__(self, text_rows: nn.Parameter, code_rows: nn.Parameter, padding_idx: int | None = None):
+        super().__init__()
+        self.text_rows = text_rows
+        self.code_rows = code_rows
+        self.padding_idx = padding_idx  # kept for merging back into an identical nn.Embedding
+
+    @property
+    def code_base(self) -> int:
+        return self.text_rows.shape[0]
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.text_rows.shape[0] + self.code_rows.shape[0]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.text_rows.shape[1]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        is_code = ids >= self.code_base
+        # Out-of-range ids still fail in F.embedding: negative ids on the text side, ids past the
+        # last row on the code side.
+        text = F.embedding(torch.where(is_code, 0, ids), self.text_rows)
+        code = F.embedding(torch.where(is_code, ids - self.code_base, 0), self.code_rows)
+        return torch.where(is_code.unsqueeze(-1), code, text)
+
+    def extra_repr(self) -> str:
+        return f"text_rows={tuple(self.text_rows.shape)}, code_rows={tuple(self.code_rows.shape)}"
+
+
+class SplitHead(nn.Module):
+    """Bias-free output head over split tables: logits = [h @ text_rows.T, h @ code_rows.T].
+
+    For a tied model the two Parameters are the SplitEmbedding's own (shared, not copied); the
+    logits of the two halves are concatenated, never the weight matrices.
+    """
+
+    def __init__(self, text_rows: nn.Parameter, code_rows: nn.Parameter):
+        super().__init__()
+        self.text_rows = text_rows
+        self.code_rows = code_rows
+
+    @property
+    def out_features(self) -> int:
+        return self.text_rows.shape[0] + self.code_rows.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.text_rows.shape[1]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.linear(hidden, self.text_rows), F.linear(hidden, self.code_rows)], dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"text_rows={tuple(self.text_rows.shape)}, code_rows={tuple(self.code_rows.shape)}"
+
+
+def _split_parameter(weight: nn.Parameter, code_base: int) -> tuple[nn.Parameter, nn.Parameter]:
+    with torch.no_grad():
+        text = nn.Parameter(weight[:code_base].clone(), requires_grad=weight.requires_grad)
+        code = nn.Parameter(weight[code_base:].clone(), requires_grad=weight.requires_grad)
+    return text, code
+
+
+def _merged_parameter(text_rows: nn.Parameter, code_rows: nn.Parameter) -> nn.Parameter:
+    with torch.no_grad():
+        weight = torch.cat([text_rows, code_rows])
+    return nn.Parameter(weight, requires_grad=text_rows.requires_grad or code_rows.requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------
 
@@ -200,8 +289,8 @@ class ViQMLLM(nn.Module):
         self.vocab = vocab
         self.loss_chunk_size = loss_chunk_size
         self.checkpoint_loss_chunks = checkpoint_loss_chunks
-        weight = llm.get_input_embeddings().weight
-        self.merger = CodeMerger(llm.config.hidden_size).to(device=weight.device, dtype=weight.dtype)
+        table = next(llm.get_input_embeddings().parameters())  # nn.Embedding.weight or SplitEmbedding.text_rows
+        self.merger = CodeMerger(llm.config.hidden_size).to(device=table.device, dtype=table.dtype)
 
     @property
     def decoder_layer_class(self) -> type[nn.Module]:
@@ -225,6 +314,73 @@ class ViQMLLM(nn.Module):
             self.llm.activation_checkpointing_disable()
         else:
             self.llm.gradient_checkpointing_disable()
+
+    # -- split vocabulary tables ------------------------------------------------------------------
+
+    @property
+    def code_rows_split(self) -> bool:
+        """True while the embedding (and head) are SplitEmbedding / SplitHead (see split_code_rows)."""
+        return isinstance(self.llm.get_input_embeddings(), SplitEmbedding)
+
+    def split_code_rows(self) -> None:
+        """Store the embedding and the output head as text rows [0, code_base) + code rows [code_base, total_rows).
+
+        Values are copied exactly; a tied model's head uses the embedding's two Parameters. Call it
+        while the matrices are whole (before deepspeed.initialize). Loss, generation and export
+        behave as before; save_export writes the standard merged layout. No-op when already split.
+        """
+        if self.code_rows_split:
+            return
+        llm, code_base = self.llm, self.vocab.code_base
+        embedding, head = llm.get_input_embeddings(), llm.get_output_embeddings()
+        tied = bool(llm.config.tie_word_embeddings)
+        expected = (self.vocab.total_rows, llm.config.hidden_size)
+        for what, module in (("input embedding", embedding), ("output head", head)):
+            if tuple(module.weight.shape) != expected:
+                raise RuntimeError(
+                    f"split_code_rows: {what} weight has shape {tuple(module.weight.shape)}, expected {expected}; "
+                    "split before the parameters are partitioned (ZeRO-3) and after extend_vocabulary"
+                )
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("split_code_rows: the output head has a bias; only bias-free heads (Qwen2.5) can be split")
+        if tied and head.weight is not embedding.weight:
+            raise RuntimeError("split_code_rows: config says tie_word_embeddings but lm_head.weight is not the embedding")
+        text, code = _split_parameter(embedding.weight, code_base)
+        llm.set_input_embeddings(SplitEmbedding(text, code, padding_idx=embedding.padding_idx))
+        llm.set_output_embeddings(SplitHead(text, code) if tied else SplitHead(*_split_parameter(head.weight, code_base)))
+        self._declare_tied_tables()
+
+    def merge_code_rows(self) -> None:
+        """Inverse of split_code_rows: a plain nn.Embedding / bias-free nn.Linear of total_rows (re-tied when tied)."""
+        if not self.code_rows_split:
+            return
+        llm = self.llm
+        embedding, head = llm.get_input_embeddings(), llm.get_output_embeddings()
+        weight = _merged_parameter(embedding.text_rows, embedding.code_rows)
+        merged_embedding = nn.Embedding(
+            *weight.shape, padding_idx=embedding.padding_idx, _weight=weight.data, _freeze=not weight.requires_grad
+        )
+        head_weight = merged_embedding.weight if llm.config.tie_word_embeddings else _merged_parameter(head.text_rows, head.code_rows)
+        merged_head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        merged_head.weight = head_weight
+        llm.set_input_embeddings(merged_embedding)
+        llm.set_output_embeddings(merged_head)
+        self._declare_tied_tables()
+
+    def _declare_tied_tables(self) -> None:
+        """Keep transformers' tied-weight bookkeeping true to the current modules.
+
+        Qwen2ForCausalLM declares `lm_head.weight -> model.embed_tokens.weight`; split, neither name
+        exists, and tie_weights() would fail on the missing source. While split (and tied) the
+        declaration names the split tables instead, so a tie_weights() call re-ties the already
+        shared Parameters (a no-op) and save_pretrained drops the head's duplicates.
+        """
+        llm = self.llm
+        if self.code_rows_split and llm.config.tie_word_embeddings:
+            llm._tied_weights_keys = {f"lm_head.{n}": f"model.embed_tokens.{n}" for n in (TEXT_ROWS, CODE_ROWS)}
+        else:
+            llm.__dict__.pop("_tied_weights_keys", None)  # back to the class declaration
+        llm.all_tied_weights_keys = llm.get_expanded_tied_weights_keys(all_submodels=False)
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -372,7 +528,7 @@ class ViQMLLM(nn.Module):
         pad = eos_ids[0] if pad_token_id is None else pad_token_id
         if pad == self.vocab.image_pad_id:
             raise ValueError(f"pad_token_id {pad} is the image_pad id; pick another padding id (e.g. eos)")
-        device = self.llm.get_input_embeddings().weight.device
+        device = self.merger.weight.device
         longest = max(int(ids.numel()) for ids, _ in prompts)
         input_ids = torch.full((len(prompts), longest), pad, dtype=torch.long, device=device)
         attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long, device=device)

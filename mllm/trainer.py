@@ -134,6 +134,8 @@ class Trainer:
             init=c.vocab_init, codebook_features=features, noise_std=c.vocab_init_noise, seed=self.cfg.trainer.seed,
             loss_chunk_size=c.loss_chunk_size,
         )
+        if self.cfg.optim.code_embedding_lr > 0:  # own tensors for the code rows, so they get their own LR
+            model.split_code_rows()
         return model
 
     def _dense_flops_per_token(self) -> float:
