@@ -29,6 +29,7 @@ from mllm.export import MARKER_FILE, load_export, load_viq
 
 DTYPES = {'float32': torch.float32, 'fp32': torch.float32, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
           'float16': torch.float16, 'fp16': torch.float16}
+DEFAULT_MAX_NEW_TOKENS = 64   # the benchmarks ask for a word, a phrase or an option letter
 # A literal '<image>' in benchmark text would be read as a placeholder; this spelling keeps the
 # characters readable for the model without being one.
 _LITERAL_PLACEHOLDER = '< image>'
@@ -168,7 +169,7 @@ class MLLMGenerator:
             self.prompts_generated += len(chunk)
             yield [(i, self.decode(ids)) for i, ids in zip(chunk, outputs)]
 
-    def generate(self, messages_batch: Sequence[Sequence[dict]], max_new_tokens: int = 64,
+    def generate(self, messages_batch: Sequence[Sequence[dict]], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  batch_size: int | None = None, on_batch: Callable[[list[tuple[int, str]]], None] | None = None
                  ) -> list[str]:
         """Answers to message lists, in the given order (batched internally, longest first)."""

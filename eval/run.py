@@ -33,8 +33,17 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
 from eval.benchmarks import BENCHMARKS, UnknownBenchmarkError, get_benchmark
 from eval.data import DataError, prediction_row
+from eval.generate import (DEFAULT_MAX_NEW_TOKENS, ExportError, MLLMGenerator, check_export_dir, default_device,
+                           model_name_from_path, parse_dtype)
+from eval.judge import judge_from_env
+from eval.report import write_report
+from eval.score import score_file
 
 PREDICTIONS_SUFFIX = '.predictions.jsonl'
 SETTINGS_FILE = 'generation.json'
@@ -132,25 +141,20 @@ class Ranks:
         self.local_rank = int(os.environ.get('LOCAL_RANK', 0))
         self.group = False
         if self.world > 1:
-            import torch.distributed as dist
-
             if not dist.is_initialized():
                 backend = 'nccl' if device.startswith('cuda') else 'gloo'
+                if backend == 'nccl':
+                    torch.cuda.set_device(self.local_rank)
                 dist.init_process_group(backend, timeout=timedelta(hours=2))
             self.group = True
 
     def barrier(self) -> None:
         if self.group:
-            import torch.distributed as dist
-
             dist.barrier()
 
     def sum(self, values: list[int]) -> list[int]:
         if not self.group:
             return values
-        import torch
-        import torch.distributed as dist
-
         tensor = torch.tensor(values, dtype=torch.long)
         if dist.get_backend() == 'nccl':
             tensor = tensor.cuda()
@@ -159,8 +163,6 @@ class Ranks:
 
     def close(self) -> None:
         if self.group:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
 
 
@@ -204,8 +206,6 @@ def predict_benchmark(generator, benchmark, records: list[dict], model_dir: Path
 
     progress = None
     if ranks.rank == 0:
-        from tqdm import tqdm
-
         label = benchmark.key if not sharded else f'{benchmark.key} (rank 0 of {ranks.world})'
         progress = tqdm(total=len(mine), initial=reused, desc=label, unit='q', file=sys.stderr, dynamic_ncols=True)
     generated = 0
@@ -268,9 +268,6 @@ def collect_scores(out: Path) -> dict:
 
 
 def score_and_report(keys: list[str], model_dir: Path, out: Path, data_root, judge) -> dict:
-    from eval.report import write_report
-    from eval.score import score_file
-
     scores_path = model_dir / SCORES_FILE
     scores = json.loads(scores_path.read_text()) if scores_path.is_file() else {}
     for key in keys:
@@ -321,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--data-root', required=True, help='directory holding <KEY>.tsv (VLMEvalKit LMUData)')
     parser.add_argument('--out', required=True, help='output directory (predictions, scores, report)')
     parser.add_argument('--batch-size', type=int, default=8, help='prompts per generation batch')
-    parser.add_argument('--max-new-tokens', type=int, default=64, help='greedy decoding length limit')
+    parser.add_argument('--max-new-tokens', type=int, default=DEFAULT_MAX_NEW_TOKENS, help='greedy decoding length limit')
     parser.add_argument('--limit', type=int, default=None, help='only the first N records of each benchmark')
     parser.add_argument('--device', default=None, help='cuda, cuda:1, cpu (default: cuda when available)')
     parser.add_argument('--dtype', default=None, help='bf16 / fp16 / fp32 (default: bf16 on CUDA, fp32 on CPU)')
@@ -338,8 +335,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> dict:
-    from eval.generate import ExportError, check_export_dir, default_device, model_name_from_path, parse_dtype
-
     keys = parse_benchmarks(args.benchmarks)
     for name, value, low in (('--batch-size', args.batch_size, 1), ('--max-new-tokens', args.max_new_tokens, 1),
                              ('--limit', args.limit, 1)):
@@ -372,8 +367,6 @@ def run(args) -> dict:
     ranks.barrier()
     image_dir = None if args.in_memory_images else Path(args.image_dir) if args.image_dir else out / 'images'
 
-    from eval.generate import MLLMGenerator
-
     generator = MLLMGenerator(args.model, device=device, dtype=dtype, system=args.system, batch_size=args.batch_size)
     counts = {}
     for key, benchmark in benchmarks.items():
@@ -389,8 +382,6 @@ def run(args) -> dict:
                   file=sys.stderr)
     summary = {'model': model_name, 'benchmarks': counts}
     if ranks.rank == 0:
-        from eval.judge import judge_from_env
-
         judge = judge_from_env(args.judge_base_url, args.judge_model)
         summary.update(score_and_report(keys, model_dir, out, data_root, judge))
     ranks.barrier()
