@@ -35,7 +35,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from data.vocab import SUBCODES
+from data.vocab import ENDOFTEXT_ID, IM_END_ID, SUBCODES
+from eval.generate import default_device, parse_dtype
+from mllm.export import load_export
 
 try:
     from lm_eval.api.model import LM as _LMEvalLM
@@ -161,15 +163,11 @@ def greedy_text(model, tokenizer, contexts: Sequence[str], max_new_tokens: int, 
 # --------------------------------------------------------------------------- the lm-eval model
 
 
-class _TextModel:
+class ExportTextModel:
     """The parts of an export lm-eval requests need, without the ViQ tokenizer."""
 
     def __init__(self, pretrained: str, device: str | None, dtype: str | None, batch_size, max_length,
                  max_gen_toks: int):
-        from data.vocab import ENDOFTEXT_ID, IM_END_ID
-        from eval.generate import default_device, parse_dtype
-        from mllm.export import load_export
-
         self.device = device or default_device()
         self.model, self.tokenizer, self.vocab = load_export(pretrained, device=self.device,
                                                              dtype=parse_dtype(dtype, self.device))
@@ -222,7 +220,7 @@ if _LMEvalLM is not None:
         def __init__(self, pretrained: str, device: str | None = None, dtype: str | None = None, batch_size=8,
                      max_length: int | None = None, max_gen_toks: int = 256, **kwargs):
             super().__init__()
-            self.text_model = _TextModel(pretrained, device, dtype, batch_size, max_length, max_gen_toks)
+            self.text_model = ExportTextModel(pretrained, device, dtype, batch_size, max_length, max_gen_toks)
 
         @property
         def tokenizer_name(self) -> str:
@@ -260,8 +258,8 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ['MODEL_NAME', 'MISSING_LM_EVAL', 'ViQMLLMLM', 'continuation_logprobs', 'cut_at_stop', 'encode_pair',
-           'greedy_text', 'prefix_token_id', 'rolling_windows']
+__all__ = ['MODEL_NAME', 'MISSING_LM_EVAL', 'ExportTextModel', 'ViQMLLMLM', 'continuation_logprobs', 'cut_at_stop',
+           'encode_pair', 'greedy_text', 'prefix_token_id', 'rolling_windows']
 
 if __name__ == '__main__':
     sys.exit(main())

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from data.synthetic import make_synthetic_dataset
 from eval.adapters import lm_eval as lm_adapter
 from eval.adapters import vlmevalkit
-from eval.adapters.lm_eval import (_TextModel, continuation_logprobs, cut_at_stop, encode_pair, prefix_token_id,
+from eval.adapters.lm_eval import (ExportTextModel, continuation_logprobs, cut_at_stop, encode_pair, prefix_token_id,
                                    rolling_windows)
 from eval.benchmarks import get_benchmark
 from eval.generate import MLLMGenerator
@@ -28,7 +28,7 @@ def export(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def text_model(export):
-    return _TextModel(str(export), 'cpu', 'fp32', batch_size=3, max_length=None, max_gen_toks=8)
+    return ExportTextModel(str(export), 'cpu', 'fp32', batch_size=3, max_length=None, max_gen_toks=8)
 
 
 # --------------------------------------------------------------------------- VLMEvalKit
