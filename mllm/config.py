@@ -135,7 +135,7 @@ class TrainConfig:
         return Path(self.trainer.runs_dir) / self.trainer.run_name
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, cls=TrainConfig):
     data: dict = {}
     source = None
     if path:
@@ -152,7 +152,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: a config file must be a mapping of sections (model, data, ...)")
     data = apply_overrides(data, overrides or [])
-    return from_dict(TrainConfig, data, source=source or "--set").validate()
+    return from_dict(cls, data, source=source or "--set").validate()
 
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:

@@ -65,31 +65,17 @@ class Trainer:
         self.records, self.image_root, self.code_store = prepare_training_data(
             cfg, viq_cfg, rank=self.rank, barrier=self._barrier, get_viq=lambda: self.viq, log=self.info
         )
-        self.dataset = ConversationDataset(
-            self.records, self.tokenizer, self.vocab, source=cfg.vision.source, image_root=self.image_root,
-            code_store=self.code_store, resize_policy=viq_cfg.resize_policy, system=cfg.data.system_prompt or None,
-        )
-        if self.dataset.n_skipped:
-            self.info(f"data: skipped {self.dataset.n_skipped} record(s) {self.dataset.skipped}; e.g. {self.dataset.skipped_examples[0]}")
-        if len(self.dataset) == 0:
-            raise ValueError(f"no usable training records in {cfg.data.train or cfg.data.root}")
-        d = cfg.data
-        self.loader = PackedLoader(
-            self.dataset, d.max_seq_len, buffer_size=d.buffer_size, seed=cfg.trainer.seed, rank=self.rank,
-            world_size=self.world, micro_batch_packs=d.micro_batch_packs, overlong=d.overlong,
-            pad_to_capacity=d.pad_to_capacity, pad_id=self.tokenizer.pad_token_id, image_pad_id=self.vocab.image_pad_id,
-        )
+        self.viq_config = viq_cfg
+        self._make_data()
         self.info(
             f"data: {len(self.dataset)} samples, {self.loader.steps_per_epoch} steps per epoch "
-            f"({d.max_seq_len} tokens x {d.micro_batch_packs} packs x {cfg.trainer.grad_accum} accumulation x {self.world} ranks)"
+            f"({self.capacity} tokens x {cfg.data.micro_batch_packs} packs x {cfg.trainer.grad_accum} accumulation x {self.world} ranks)"
         )
         self.model = self._build_model()
-        freeze = apply_freezing(self.model, cfg)
-        self.info(f"trainable parameters: {freeze['trainable']:,} of {freeze['total']:,}; frozen: "
-                  f"{len(freeze['frozen_params'])} tensors; masked rows: {freeze['masked_embedding_rows'] or 'none'}")
+        self._freeze()
         self.engine, self.ds_config, groups = initialize_engine(self.model, cfg, self.dtype == torch.bfloat16)
         self.info(f"optimizer groups: {groups}; ZeRO stage {self.ds_config['zero_optimization']['stage']}; "
-                  f"device {self.device}, dtype {self.dtype}, attention {self.model.llm.config._attn_implementation}")
+                  f"device {self.device}, dtype {self.dtype}, attention {self.llm.config._attn_implementation}")
         self.step = 0
         self.totals = {"tokens": 0, "samples": 0, "skipped_steps": 0}
         self.peak_flops = gpu_peak_flops(self.device)
@@ -99,6 +85,28 @@ class Trainer:
             self._resume(tag_dir)
 
     # ---- construction ----------------------------------------------------------------------
+    def data_settings(self) -> tuple:
+        """(resize policy, pack capacity) of the data now; progressive schedules override it."""
+        return self.viq_config.resize_policy, self.cfg.data.max_seq_len
+
+    def _make_data(self) -> None:
+        cfg, d = self.cfg, self.cfg.data
+        policy, self.capacity = self.data_settings()
+        self.dataset = ConversationDataset(
+            self.records, self.tokenizer, self.vocab, source=cfg.vision.source, image_root=self.image_root,
+            code_store=self.code_store, resize_policy=policy, system=d.system_prompt or None,
+        )
+        if self.dataset.n_skipped:
+            self.info(f"data: skipped {self.dataset.n_skipped} record(s) {self.dataset.skipped}; e.g. {self.dataset.skipped_examples[0]}")
+        if len(self.dataset) == 0:
+            raise ValueError(f"no usable training records in {d.train or d.root}")
+        self.loader = PackedLoader(
+            self.dataset, self.capacity, buffer_size=d.buffer_size, seed=cfg.trainer.seed, rank=self.rank,
+            world_size=self.world, micro_batch_packs=d.micro_batch_packs, overlong=d.overlong,
+            pad_to_capacity=d.pad_to_capacity, pad_id=self.tokenizer.pad_token_id, image_pad_id=self.vocab.image_pad_id,
+        )
+        self.batches = self.loader.iter_forever()
+
     def info(self, message: str) -> None:
         if self.is_main:
             print(f"[train] {message}", flush=True)
@@ -138,10 +146,20 @@ class Trainer:
             model.split_code_rows()
         return model
 
+    @property
+    def llm(self):
+        """The Hugging Face causal LM inside the trained module."""
+        return self.model.llm
+
+    def _freeze(self) -> None:
+        freeze = apply_freezing(self.model, self.cfg)
+        self.info(f"trainable parameters: {freeze['trainable']:,} of {freeze['total']:,}; frozen: "
+                  f"{len(freeze['frozen_params'])} tensors; masked rows: {freeze['masked_embedding_rows'] or 'none'}")
+
     def _dense_flops_per_token(self) -> float:
         """6 x (non-embedding parameters) per token: forward + backward of the dense layers."""
-        cfg = self.model.llm.config
-        n = sum(p.numel() for name, p in self.model.llm.model.named_parameters() if "embed_tokens" not in name)
+        cfg = self.llm.config
+        n = sum(p.numel() for name, p in self.llm.model.named_parameters() if "embed_tokens" not in name)
         self.attn_flops_coeff = 6 * cfg.num_hidden_layers * cfg.hidden_size  # x sum(L_i^2) for causal attention
         self.head_flops_per_token = 6 * cfg.hidden_size * self.vocab.total_rows
         return 6.0 * n
@@ -165,10 +183,14 @@ class Trainer:
         scale = self.world / max(n_global, 1.0)  # DeepSpeed averages gradients over ranks
         loss_total, skipped = 0.0, 0
         self.engine.train()
+        logs: dict[str, list[float]] = {}
         for j, batch in enumerate(micro_batches):
             out = self.engine(self._to_device(batch))
             loss_sum = out["loss_sum"]
-            bad = all_reduce_sum(0.0 if torch.isfinite(loss_sum) else 1.0, self.device)
+            # Auxiliary losses arrive as means: averaged over micro-batches here, over ranks by DeepSpeed.
+            aux = out.get("aux_loss")
+            objective = loss_sum * scale if aux is None else loss_sum * scale + aux / len(micro_batches)
+            bad = all_reduce_sum(0.0 if torch.isfinite(objective) else 1.0, self.device)
             if bad:
                 if self.cfg.trainer.nonfinite == "stop":
                     raise NonFiniteLossError(
@@ -177,9 +199,13 @@ class Trainer:
                     )
                 skipped += 1
                 continue
-            self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
+            self.engine.backward(objective, scale_wrt_gas=False)
             self.engine.step()
             loss_total += float(loss_sum.detach())
+            if aux is not None:
+                logs.setdefault("aux_loss", []).append(float(aux.detach()))
+            for key, value in out.get("logs", {}).items():
+                logs.setdefault(key, []).append(float(value))
         if skipped == len(micro_batches):
             self.totals["skipped_steps"] += 1
         seconds = time.perf_counter() - t0
@@ -195,6 +221,7 @@ class Trainer:
             "loss_sum": loss_global, "n_supervised": n_global, "tokens": tokens, "capacity": capacity,
             "samples": samples, "seconds": seconds, "flops": flops, "skipped_micro_batches": skipped,
             "sample_indices": [i for b in micro_batches for i in b.get("sample_indices", [])],
+            "logs": {k: all_reduce_sum(sum(v) / len(v), self.device) / self.world for k, v in logs.items()},
         }
 
     # ---- the loop --------------------------------------------------------------------------
@@ -202,14 +229,15 @@ class Trainer:
         t = self.cfg.trainer
         writer = self._tensorboard()
         progress = self._progress()
-        batches = self.loader.iter_forever()
         interval: list[dict] = []
         last = {}
         metrics_path = self.run_dir / "metrics.jsonl"
         while self.step < t.max_steps:
-            micro = [next(batches) for _ in range(t.grad_accum)]
+            self.before_step()
+            micro = [next(self.batches) for _ in range(t.grad_accum)]
             m = self.train_step(micro)
             self.step += 1
+            self.after_step(m)
             self.totals["tokens"] += int(m["tokens"])
             self.totals["samples"] += int(m["samples"])
             interval.append(m)
@@ -231,6 +259,12 @@ class Trainer:
             writer.close()
         return last
 
+    def before_step(self) -> None:
+        """Hook: runs before each step's batches are drawn (e.g. a resolution schedule)."""
+
+    def after_step(self, metrics: dict) -> None:
+        """Hook: runs after each optimizer step (e.g. an EMA teacher)."""
+
     def _log(self, interval: list[dict], path: Path, writer) -> dict:
         n_sup = sum(m["n_supervised"] for m in interval)
         seconds = sum(m["seconds"] for m in interval)
@@ -250,6 +284,9 @@ class Trainer:
             # Which samples rank 0 trained on since the last record: equal runs, equal fingerprints.
             "data_fingerprint": zlib.crc32(json.dumps([m["sample_indices"] for m in interval]).encode()),
         }
+        for key in sorted({k for m in interval for k in m["logs"]}):
+            values = [m["logs"][key] for m in interval if key in m["logs"]]
+            record[key] = sum(values) / len(values)
         if self.totals["skipped_steps"]:
             record["skipped_steps"] = self.totals["skipped_steps"]
         if self.peak_flops:
@@ -258,9 +295,9 @@ class Trainer:
             with open(path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
             if writer is not None:
-                for key in ("loss", "lr", "tokens_per_s", "packing_efficiency", "grad_norm", "mfu"):
-                    if record.get(key) is not None:
-                        writer.add_scalar(f"train/{key}", record[key], self.step)
+                for key, value in record.items():
+                    if key not in ("step", "epoch", "data_fingerprint") and isinstance(value, (int, float)):
+                        writer.add_scalar(f"train/{key}", value, self.step)
         return record
 
     def _tensorboard(self):
@@ -285,7 +322,14 @@ class Trainer:
 
     def loop_state(self) -> dict:
         return {"step": self.step, "totals": self.totals, "world_size": self.world,
-                "loader": self.loader.state_dict(), "rng": ckpt.rng_state()}
+                "loader": self.loader.state_dict(), "rng": ckpt.rng_state(), **self.extra_loop_state()}
+
+    def extra_loop_state(self) -> dict:
+        """Hook: more JSON state for checkpoints (restored by restore_extra_loop_state)."""
+        return {}
+
+    def restore_extra_loop_state(self, state: dict) -> None:
+        """Hook: runs on resume before the loader state is loaded."""
 
     def save(self) -> Path:
         tag_dir = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.step, self.loop_state(), rank=self.rank,
@@ -299,6 +343,7 @@ class Trainer:
             raise ValueError(f"{tag_dir}: saved with {state['world_size']} ranks, now {self.world}; resume with the same number of ranks")
         self.step = state["step"]
         self.totals = state["totals"]
+        self.restore_extra_loop_state(state)
         self.loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
         self.info(f"resumed from {tag_dir} at step {self.step}")
@@ -345,13 +390,13 @@ def _seed_everything(seed: int) -> None:
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, NonFiniteLossError)
 
 
-def run_training(cfg: TrainConfig, resume: str | None = None) -> int:
+def run_training(cfg: TrainConfig, resume: str | None = None, trainer_class=None) -> int:
     """Build the trainer, train, and report a user error as one line (exit status 1)."""
     logging.basicConfig(level=logging.WARNING)
     for name in ("DeepSpeed", "deepspeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        trainer = Trainer(cfg, resume=resume)
+        trainer = (trainer_class or Trainer)(cfg, resume=resume)
         last = trainer.train()
     except USER_ERRORS as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -66,7 +66,14 @@ def _coerce(value, tp, key):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
         inner = args[0] if args else Any
-        out = [_coerce(v, inner, key) for v in value]
+        if _is_dataclass_type(inner):
+            out = []
+            for i, v in enumerate(value):
+                if not isinstance(v, dict):
+                    raise ConfigError(f"config key '{key}[{i}]' must be a mapping, got {v!r}")
+                out.append(from_dict(inner, v, f"{key}[{i}]"))
+        else:
+            out = [_coerce(v, inner, key) for v in value]
         return tuple(out) if origin is tuple else out
     if tp is bool:
         if isinstance(value, bool):
