@@ -13,6 +13,7 @@ at every '<image k>' and the k-th image placed there.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from eval.metrics.choice import build_choices, is_missing
@@ -39,8 +40,10 @@ def image_values(record: dict, image_dir=None) -> list:
     paths = []
     for ref, name in zip(refs, names):
         path = image_dir / name
-        if not path.is_file():
-            ref.load().save(path)
+        if not path.is_file():  # written beside, then renamed: a killed run never leaves half a JPEG
+            partial = path.with_name(path.name + '.partial')
+            ref.load().save(partial, format='JPEG')
+            os.replace(partial, path)
         paths.append(str(path))
     return paths
 
