@@ -55,6 +55,22 @@ def test_train_exports_and_loss_falls(colour_data, tmp_path):
     assert vocab.code_base == 151936 and tokenizer is not None and len(tokenizer) == 151665
     assert load_viq(run / "hf").codebook_size == vocab.codebook_size
 
+    # the trained export, evaluated end to end by the harness on the synthetic validation TSVs
+    from data.synthetic import make_synthetic_dataset
+
+    make_synthetic_dataset(tmp_path / "synth", 30, seed=1, val_fraction=0.5)
+    proc = subprocess.run(
+        [sys.executable, "-m", "eval.run", "--model", str(run / "hf"), "--benchmarks", "SYNTH_SHAPES,SYNTH_CHART",
+         "--data-root", str(tmp_path / "synth" / "vlmeval"), "--out", str(tmp_path / "eval"), "--limit", "4",
+         "--max-new-tokens", "8"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert "run" in json.dumps(report) and (tmp_path / "eval" / "report.md").read_text().count("SYNTH_SHAPES") >= 2
+    scores = json.loads(proc.stdout.strip().splitlines()[-1])["scores"]
+    assert 0 <= scores["SYNTH_SHAPES"]["Overall"] <= 1 and 0 <= scores["SYNTH_CHART"]["Overall"] <= 100
+
 
 @pytest.mark.slow
 def test_resume_after_kill_continues_with_the_exact_next_batch(colour_data, tmp_path):
