@@ -107,7 +107,9 @@ def test_resume_after_kill_continues_with_the_exact_next_batch(colour_data, tmp_
 @pytest.mark.slow
 def test_two_rank_zero3_trains_saves_and_resumes(colour_data, tmp_path):
     run = tmp_path / "z3"
-    common = ["--set", f"data.train={colour_data}", *FAST, "--set", "trainer.zero_stage=3", "--run-dir", str(run)]
+    # ZeRO-3 with the code rows split out for their own learning rate
+    common = ["--set", f"data.train={colour_data}", *FAST, "--set", "trainer.zero_stage=3", "--run-dir", str(run),
+              "--set", "optim.code_embedding_lr=1e-2"]
     launch([*common, "--max-steps", "3"], ranks=2)
     assert (run / "checkpoints" / "latest").read_text() == "step_00000003"
     shards = sorted(p.name for p in (run / "checkpoints" / "step_00000003").glob("*optim_states.pt"))
