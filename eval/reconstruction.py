@@ -27,6 +27,7 @@ import importlib.util
 import json
 import math
 import os
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -429,7 +430,10 @@ def load_inception_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise ReconstructionError(f"{path}: FID Inception weights file not found")
     if _is_torchscript(path):
-        state = torch.jit.load(path, map_location="cpu").state_dict()
+        with warnings.catch_warnings():
+            # torch.jit.load is deprecated in favour of torch.export, but this file is a TorchScript archive.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            state = torch.jit.load(path, map_location="cpu").state_dict()
         return map_torchscript_inception(dict(state), path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
