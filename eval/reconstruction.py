@@ -463,8 +463,8 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
 
     With centred features X_a = Q_a R_a and X_b = Q_b R_b (thin QR), S_a S_b has the same non-zero
     eigenvalues as K K^T for K = R_a R_b^T / sqrt((n_a - 1)(n_b - 1)), so tr((S_a S_b)^(1/2)) is the
-    sum of K's singular values. Exact for the rank-deficient covariances of small sets (where
-    scipy.linalg.sqrtm warns and returns complex noise) and no dearer than sqrtm for large ones.
+    sum of K's singular values. Exact for the rank-deficient covariances of small sets (where the
+    scipy.linalg.sqrtm formula returns complex parts and negative FIDs) and cheaper than sqrtm.
     """
     a, b = np.asarray(features_a, dtype=np.float64), np.asarray(features_b, dtype=np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
