@@ -24,7 +24,6 @@ from torch import nn
 from mllm.config import TrainConfig
 from viq.config import ConfigError
 from viq.fsq import codebook_stats
-from viq.image import IMAGE_MEAN, IMAGE_STD
 
 
 @dataclass
@@ -77,13 +76,6 @@ class ViQTrainConfig(TrainConfig):
         return self
 
 
-def unnormalize(pixels: torch.Tensor) -> torch.Tensor:
-    """ViQ-normalised [3, H, W] pixels back to [0, 1]."""
-    mean = torch.tensor(IMAGE_MEAN, device=pixels.device, dtype=pixels.dtype).view(3, 1, 1)
-    std = torch.tensor(IMAGE_STD, device=pixels.device, dtype=pixels.dtype).view(3, 1, 1)
-    return (pixels * std + mean).clamp(0, 1)
-
-
 def projector(in_dim: int, hidden: int, out_dim: int) -> nn.Module:
     return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
 
@@ -91,7 +83,7 @@ def projector(in_dim: int, hidden: int, out_dim: int) -> nn.Module:
 class ViQTrainModel(nn.Module):
     """ViQ tokenizer + projector + LLM (+ teacher, + VAE-latent head) for stages 1 and 2."""
 
-    def __init__(self, viq, mllm, cfg: ViQStageConfig, *, vae=None, latent_head=None):
+    def __init__(self, viq, mllm, cfg: ViQStageConfig, *, decoder=None):
         super().__init__()
         self.cfg = cfg
         self.stage = cfg.stage
@@ -104,10 +96,7 @@ class ViQTrainModel(nn.Module):
         if cfg.teacher != "none":
             self.teacher = copy.deepcopy(viq.vit)
             self.teacher.requires_grad_(False)
-        self.latent_head = latent_head
-        self.vae = vae
-        if vae is not None:
-            vae.requires_grad_(False)
+        self.decoder = decoder  # stage 2: ViQDecoder (trainable latent head + frozen VAE)
         self.apply_freezing()
 
     def apply_freezing(self) -> dict:
@@ -117,6 +106,9 @@ class ViQTrainModel(nn.Module):
         self.viq.quantizer.requires_grad_(self.stage == 2 and c.train_quantizer)
         self.mllm.llm.requires_grad_(c.train_llm)
         self.mllm.merger.requires_grad_(False)  # codes never enter during tokenizer training
+        if self.decoder is not None:
+            self.decoder.head.requires_grad_(True)
+            self.decoder.vae.requires_grad_(False)
         report = {}
         for name, module in self.named_children():
             params = list(module.parameters())
@@ -166,13 +158,11 @@ class ViQTrainModel(nn.Module):
             distill = (1 - F.cosine_similarity(cls.float(), self._teacher_cls(pixels).float(), dim=-1)).mean()
             aux = aux + self.cfg.distill_weight * distill
             logs["distill_loss"] = float(distill.detach())
-        if self.stage == 2 and self.vae is not None and self.cfg.vae_weight:
-            from viq.decoder import vae_latent_target
+        if self.decoder is not None and self.cfg.vae_weight:
+            from viq.decoder import latent_regression_loss, unnormalize_pixels, vae_latent_target
 
-            with torch.no_grad():
-                targets = vae_latent_target(self.vae, [unnormalize(p) for p in pixels], grids)
-            predicted = self.latent_head(features, grids)
-            vae_loss = torch.stack([F.mse_loss(p.float(), t.float()) for p, t in zip(predicted, targets)]).mean()
+            targets = vae_latent_target(self.decoder.vae, [unnormalize_pixels(p) for p in pixels], grids)
+            vae_loss = latent_regression_loss(self.decoder.head.latents(features, grids), targets)
             aux = aux + self.cfg.vae_weight * vae_loss
             logs["vae_latent_loss"] = float(vae_loss.detach())
         return {"loss_sum": loss_sum, "n_supervised": n_sup, "aux_loss": aux, "logs": logs}
@@ -265,13 +255,14 @@ class ViQTrainer(Trainer):
                                      attn_implementation=self.cfg.model.attn_implementation)
         else:
             mllm = super()._build_model()
-        vae = latent_head = None
+        decoder = None
         if v.stage == 2:
-            from viq.decoder import LatentHead, load_vae
+            from viq.decoder import ViQDecoder, tiny_vae
 
-            vae = load_vae(v.vae, device=self.device)
-            latent_head = LatentHead(viq.config.feature_dim, vae.config.latent_channels, hidden=v.latent_head_hidden)
-        model = ViQTrainModel(viq, mllm, v, vae=vae, latent_head=latent_head).to(device=self.device, dtype=self.dtype)
+            vae = tiny_vae(self.cfg.trainer.seed) if v.vae == "tiny" else v.vae
+            decoder = ViQDecoder.from_vae(vae, viq.config.feature_dim, hidden_size=v.latent_head_hidden,
+                                          seed=self.cfg.trainer.seed)
+        model = ViQTrainModel(viq, mllm, v, decoder=decoder).to(device=self.device, dtype=self.dtype)
         if v.stage == 2:
             # The stage-1 projector read continuous features; stage 2 feeds quantised ones to a new one.
             self.info(f"stage 2 from {v.init_from}: ViQ{' and LLM' if init_llm.is_dir() else ''} weights loaded")
@@ -302,10 +293,8 @@ class ViQTrainer(Trainer):
                 out.mkdir(parents=True, exist_ok=True)
                 viq = self.model.viq
                 viq.save_pretrained(out / "viq")
-                if self.model.latent_head is not None:
-                    from viq.decoder import ViQDecoder
-
-                    ViQDecoder(self.model.latent_head, self.model.vae).save_pretrained(out / "viq")
+                if self.model.decoder is not None:
+                    self.model.decoder.save_pretrained(out / "viq")
                 save_export(self.model.mllm, self.tokenizer, self.vocab, out / "llm")
                 state = {k: v.detach().float().cpu().contiguous() for k, v in self.model.projector.state_dict().items()}
                 save_file(state, str(out / "projector.safetensors"))

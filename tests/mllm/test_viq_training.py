@@ -64,6 +64,23 @@ def test_freezing_is_what_the_config_says():
     assert report["teacher"] == 0
 
 
+def test_stage2_forward_reports_vae_loss_and_codebook_use():
+    from viq.decoder import ViQDecoder, tiny_vae
+
+    viq = ViQModel.from_pretrained("viq-tiny")
+    decoder = ViQDecoder.from_vae(tiny_vae(0), viq.config.feature_dim, hidden_size=32)
+    model, vocab = tiny_model(ViQStageConfig(stage=2, init_from="x", teacher="none"), decoder=decoder)
+    assert all(p.requires_grad for p in model.viq.vit.parameters())  # train_vit defaults to True
+    assert all(p.requires_grad for p in model.viq.quantizer.parameters())
+    assert all(p.requires_grad for p in decoder.head.parameters()) and not any(p.requires_grad for p in decoder.vae.parameters())
+    out = model(image_batch(model, vocab, [(56, 84), (112, 56)]))
+    assert out["logs"]["vae_latent_loss"] > 0 and out["aux_loss"] > 0
+    assert 0 < out["logs"]["codebook_usage"] <= 1 and out["logs"]["codebook_perplexity"] >= 1
+    (out["aux_loss"] + out["loss_sum"]).backward()
+    assert model.viq.quantizer.bottleneck.weight.grad.abs().sum() > 0
+    assert decoder.head.proj_out.weight.grad.abs().sum() > 0
+
+
 def test_ema_teacher_moves_towards_the_student():
     model, _ = tiny_model(ViQStageConfig(stage=1, teacher="ema", ema_decay=0.5))
     with torch.no_grad():
@@ -127,3 +144,10 @@ def test_stage1_then_stage2_train_through_deepspeed_and_export_a_tokenizer(tmp_p
                           "--data", str(train), "--out", str(tmp_path / "codes")], cwd=REPO, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and '"images_encoded": 12' in out.stdout
+    # ... and reconstruction through its decoder, with the metrics computed offline
+    rec = subprocess.run([sys.executable, "scripts/eval_reconstruction.py", "--tokenizer", str(s2 / "export" / "viq"),
+                          "--images", str(train.parent / "images"), "--limit", "3", "--no-fid",
+                          "--out", str(tmp_path / "recon")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rec.returncode == 0, rec.stderr[-2000:]
+    metrics = json.loads((tmp_path / "recon" / "metrics.json").read_text())
+    assert metrics["psnr"] > 0 and 0 < metrics["ssim"] <= 1 and (tmp_path / "recon" / "grid.png").is_file()
