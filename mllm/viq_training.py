@@ -51,6 +51,7 @@ class ViQStageConfig:
     train_quantizer: bool = True  # stage 2
     train_llm: bool = False
     usage_warn_below: float = 0.05  # warn when the fraction of codes used in a step falls below this
+    center_bottleneck: bool = True  # stage 2: data-dependent bottleneck bias (see ProximalQuantizer.center_bottleneck)
     phases: list[PhaseConfig] = field(default_factory=list)  # empty: one phase from data/trainer settings
 
 
@@ -262,11 +263,36 @@ class ViQTrainer(Trainer):
             vae = tiny_vae(self.cfg.trainer.seed) if v.vae == "tiny" else v.vae
             decoder = ViQDecoder.from_vae(vae, viq.config.feature_dim, hidden_size=v.latent_head_hidden,
                                           seed=self.cfg.trainer.seed)
+        if v.stage == 2 and v.center_bottleneck:
+            self._center_bottleneck(viq)
         model = ViQTrainModel(viq, mllm, v, decoder=decoder).to(device=self.device, dtype=self.dtype)
         if v.stage == 2:
             # The stage-1 projector read continuous features; stage 2 feeds quantised ones to a new one.
             self.info(f"stage 2 from {v.init_from}: ViQ{' and LLM' if init_llm.is_dir() else ''} weights loaded")
         return model
+
+    @torch.no_grad()
+    def _center_bottleneck(self, viq, n_samples: int = 64) -> None:
+        """Mean ViT token over this rank's first samples, averaged over ranks, folded into the
+        bottleneck bias (before DeepSpeed copies the weights, identically on every rank)."""
+        from mllm.engine import all_reduce_sum
+
+        total, count = None, 0
+        for i in range(self.rank, min(len(self.dataset), n_samples * self.world), self.world):
+            images = self.dataset[i].get("images") or []
+            if not images:
+                continue
+            tokens, _, _ = viq.vit([p.to(self.device) for p in images])
+            total = tokens.float().sum(0) if total is None else total + tokens.float().sum(0)
+            count += tokens.shape[0]
+        if total is None:
+            total = torch.zeros(viq.config.width, device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(total)
+        count = all_reduce_sum(count, self.device)
+        if count:
+            viq.quantizer.center_bottleneck(total / count)
+            self.info(f"stage 2: bottleneck centred on the mean of {int(count)} ViT tokens")
 
     def _freeze(self) -> None:
         report = self.model.apply_freezing()

@@ -45,7 +45,10 @@ class ProximalQuantizer(nn.Module):
         if d % cfg.quant_heads or (d // cfg.quant_heads) % 4:
             raise ValueError(f"quant_dim {d} / quant_heads {cfg.quant_heads} must give a head dim divisible by 4")
         self.heads = cfg.quant_heads
-        self.bottleneck = nn.Linear(cfg.width, cfg.bottleneck_dim)
+        # No bias: a trainable shared offset before the L-infinity normalisation would push every
+        # token to the same hypercube corner. The input is centred by a fixed buffer instead.
+        self.bottleneck = nn.Linear(cfg.width, cfg.bottleneck_dim, bias=False)
+        self.register_buffer("token_mean", torch.zeros(cfg.width))
         self.down = nn.Linear(cfg.bottleneck_dim, d)
         self.subcode_embed = nn.Parameter(torch.randn(SUBCODES, d) * 0.02)
         self.q = nn.Linear(d, d)
@@ -64,6 +67,16 @@ class ProximalQuantizer(nn.Module):
         # Quantised sub-codes -> one feature per token (also used by embed_codes).
         self.post_fsq = nn.Linear(len(cfg.levels), d)
         self.merge = nn.Linear(SUBCODES * d, cfg.feature_dim)
+
+    @torch.no_grad()
+    def center_bottleneck(self, mean_token: torch.Tensor) -> None:
+        """Data-dependent init: subtract the mean input token before the bottleneck.
+
+        Text-aligned ViT features share a large common component (stage 1 gives a mean-vector
+        norm ~15x the per-token deviation); after L-infinity normalisation every token would
+        then sit at nearly the same corner and FSQ would use a handful of codes.
+        """
+        self.token_mean.copy_(mean_token.to(self.token_mean))
 
     def expand(self, g: torch.Tensor, grids, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """g [N, d] -> sub-code features [N, 4, d] through per-image multi-head attention."""
@@ -100,7 +113,7 @@ class ProximalQuantizer(nn.Module):
         return self.merge(rearrange(sub, "n s d -> n (s d)"))
 
     def forward(self, tokens: torch.Tensor, grids, cu_seqlens: torch.Tensor) -> dict:
-        f1 = linf_normalize(self.bottleneck(tokens))
+        f1 = linf_normalize(self.bottleneck(tokens - self.token_mean.to(tokens.dtype)))
         g = self.down(f1)
         expanded = self.expand(g, grids, cu_seqlens)
         codes, indices = self.fsq.quantize(self.project_to_fsq(expanded))

@@ -34,6 +34,8 @@ def test_latent_head_shapes_and_token_layout():
     head = LatentHead(DecoderConfig(feature_dim=12, latent_channels=4, hidden_size=16, depth=2))
     feats = torch.randn(2 * 3 + 1, 12)
     assert head(feats).shape == (7, 4, 4, 4)
+    assert torch.equal(head(feats), torch.zeros(7, 4, 4, 4))  # zero output at init (see LatentHead)
+    torch.nn.init.normal_(head.proj_out.weight)
     lat = head.latents(feats, [(2, 3), (1, 1)])
     assert [tuple(x.shape) for x in lat] == [(4, 8, 12), (4, 4, 4)]
     # Token (r, c) of the raster order owns exactly latent cells [4r:4r+4, 4c:4c+4].

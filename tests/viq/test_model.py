@@ -122,3 +122,18 @@ def test_linf_normalize_on_hypercube_surface():
     y = linf_normalize(x)
     assert torch.allclose(y.abs().amax(-1), torch.ones(100))
     assert torch.allclose(y * x.abs().amax(-1, keepdim=True), x, atol=1e-5)
+
+
+def test_centred_bottleneck_subtracts_the_mean_token_and_is_saved(tmp_path):
+    m = ViQModel.from_pretrained("viq-tiny")
+    q = m.quantizer
+    assert q.bottleneck.bias is None  # a trainable shared offset would send every token to one corner
+    tokens = torch.randn(12, m.config.width) + 5.0 * torch.randn(m.config.width)  # large shared component
+    grids, cu = [(3, 4)], torch.tensor([0, 12], dtype=torch.int32)
+    shifted = q(tokens - tokens.mean(0), grids, cu)
+    q.center_bottleneck(tokens.mean(0))
+    centred = q(tokens, grids, cu)
+    assert torch.equal(centred["indices"], shifted["indices"])
+    assert len(centred["indices"].unique()) > 1
+    m.save_pretrained(tmp_path / "c")
+    assert torch.equal(ViQModel.from_pretrained(tmp_path / "c").quantizer.token_mean, tokens.mean(0))
