@@ -140,3 +140,32 @@ def test_bad_yaml_and_value_errors(tmp_path):
     proc = subprocess.run([sys.executable, "scripts/train_mllm.py", "--set", "vision.source=pixels"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert "config key 'vision.source' is 'pixels'; valid values: codes, online" in proc.stderr
+
+
+@pytest.mark.slow
+def test_loss_is_normalised_by_the_global_supervised_count(colour_data, tmp_path):
+    """Two micro-batches accumulated == the same two packs in one micro-batch: only a loss
+    divided by the supervised tokens of the whole step (not per micro-batch) gives that."""
+    # one buffer holds the whole data set, so both runs pack and order the same packs
+    common = ["--set", f"data.train={colour_data}", *FAST, "--set", "trainer.export=false", "--max-steps", "3",
+              "--set", "data.max_seq_len=512", "--set", "data.buffer_size=64"]
+    accum = tmp_path / "accum"
+    launch([*common, "--run-dir", str(accum), "--set", "trainer.grad_accum=2"])
+    packed = tmp_path / "packed"
+    launch([*common, "--run-dir", str(packed), "--set", "data.micro_batch_packs=2"])
+    a, b = metrics(accum), metrics(packed)
+    for ra, rb in zip(a, b):
+        assert ra["data_fingerprint"] == rb["data_fingerprint"] and ra["supervised_tokens"] == rb["supervised_tokens"]
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5), ra["step"]
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_or_is_skipped(colour_data, tmp_path):
+    common = ["--set", f"data.train={colour_data}", *FAST, "--set", "trainer.export=false", "--max-steps", "4",
+              "--set", "optim.lr=1e30", "--set", "optim.warmup_steps=0", "--set", "optim.grad_clip=0"]
+    proc = launch([*common, "--run-dir", str(tmp_path / "stop")], check=False)
+    assert proc.returncode != 0
+    assert "train_mllm: error: non-finite loss at step 2" in proc.stderr and "trainer.nonfinite=skip" in proc.stderr
+    launch([*common, "--run-dir", str(tmp_path / "skip"), "--set", "trainer.nonfinite=skip"])
+    rows = metrics(tmp_path / "skip")
+    assert rows[-1]["skipped_steps"] == 3 and rows[0]["loss"] == rows[0]["loss"]  # step 1 finite, 2-4 skipped
