@@ -155,6 +155,20 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return from_dict(cls, data, source=source or "--set").validate()
 
 
+def cli_overrides(args, extra: list[str] | None = None) -> list[str]:
+    """`--set` values plus the shortcut flags (--run-dir, --max-steps, --save-every) of the
+    training entry points, as `a.b=v` overrides."""
+    overrides = list(args.overrides) + list(extra or [])
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+        overrides += [f"trainer.runs_dir={run_dir.parent}", f"trainer.run_name={run_dir.name}"]
+    if args.max_steps is not None:
+        overrides.append(f"trainer.max_steps={args.max_steps}")
+    if args.save_every is not None:
+        overrides.append(f"trainer.save_every={args.save_every}")
+    return overrides
+
+
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as fh:

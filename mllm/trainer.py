@@ -115,12 +115,7 @@ class Trainer:
         from viq.model import ViQConfig, get_preset
 
         name = self.cfg.model.viq
-        if Path(name).is_dir():
-            return ViQConfig.from_dict(
-                {k: v for k, v in json.loads((Path(name) / "config.json").read_text()).items() if k != "model_type"},
-                source=str(Path(name) / "config.json"),
-            )
-        return get_preset(name)
+        return ViQConfig.load(name) if Path(name).is_dir() else get_preset(name)
 
     @property
     def viq(self) -> ViQModel:

@@ -27,19 +27,11 @@ def main():
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     args = ap.parse_args()
 
-    from mllm.config import load_config
+    from mllm.config import cli_overrides, load_config
     from viq.config import ConfigError
 
-    overrides = list(args.overrides)
-    if args.run_dir:
-        run_dir = Path(args.run_dir)
-        overrides += [f"trainer.runs_dir={run_dir.parent}", f"trainer.run_name={run_dir.name}"]
-    if args.max_steps is not None:
-        overrides.append(f"trainer.max_steps={args.max_steps}")
-    if args.save_every is not None:
-        overrides.append(f"trainer.save_every={args.save_every}")
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, cli_overrides(args))
     except ConfigError as e:
         sys.exit(f"train_mllm: error: {e}")
 

@@ -28,21 +28,13 @@ def main():
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    from mllm.config import load_config
+    from mllm.config import cli_overrides, load_config
     from mllm.viq_training import ViQTrainConfig, ViQTrainer
     from viq.config import ConfigError
 
-    overrides = list(args.overrides)
-    if args.stage is not None:
-        overrides.append(f"viq_train.stage={args.stage}")
-    if args.run_dir:
-        overrides += [f"trainer.runs_dir={Path(args.run_dir).parent}", f"trainer.run_name={Path(args.run_dir).name}"]
-    if args.max_steps is not None:
-        overrides.append(f"trainer.max_steps={args.max_steps}")
-    if args.save_every is not None:
-        overrides.append(f"trainer.save_every={args.save_every}")
+    stage = [f"viq_train.stage={args.stage}"] if args.stage is not None else []
     try:
-        cfg = load_config(args.config, overrides, cls=ViQTrainConfig)
+        cfg = load_config(args.config, cli_overrides(args, stage), cls=ViQTrainConfig)
     except ConfigError as e:
         sys.exit(f"train_viq: error: {e}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -96,6 +96,24 @@ def _coerce(value, tp, key):
     return value
 
 
+def read_json_config(path: str, missing_hint: str) -> dict:
+    """A saved component config (config.json) as a dict without its `model_type` marker; a
+    missing file or invalid JSON is a one-line ConfigError naming the file."""
+    import os
+
+    if not os.path.isfile(path):
+        raise ConfigError(missing_hint)
+    with open(path) as fh:
+        try:
+            raw = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    raw.pop("model_type", None)
+    return raw
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 

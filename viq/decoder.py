@@ -30,7 +30,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import ConfigError, from_dict
+from .config import ConfigError, from_dict, read_json_config
 from .image import IMAGE_MEAN, IMAGE_STD, load_image, target_size
 
 VAE_DOWNSAMPLE = 8
@@ -240,17 +240,11 @@ class ViQDecoder(nn.Module):
     def from_pretrained(cls, viq_dir: str | os.PathLike, device=None) -> "ViQDecoder":
         folder = os.path.join(str(viq_dir), DECODER_DIR)
         cfg_file = os.path.join(folder, DECODER_CONFIG)
-        if not os.path.isfile(cfg_file):
-            raise ConfigError(
-                f"{viq_dir}: this ViQ tokenizer has no decoder (missing {DECODER_DIR}/{DECODER_CONFIG}); "
-                "train one or attach one with ViQDecoder.save_pretrained"
-            )
-        with open(cfg_file) as fh:
-            try:
-                raw = json.load(fh)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{cfg_file}: invalid JSON ({e})") from None
-        raw.pop("model_type", None)
+        raw = read_json_config(
+            cfg_file,
+            f"{viq_dir}: this ViQ tokenizer has no decoder (missing {DECODER_DIR}/{DECODER_CONFIG}); "
+            "train one or attach one with ViQDecoder.save_pretrained",
+        )
         config = DecoderConfig.from_dict(raw, source=cfg_file)
         vae = load_vae(os.path.join(folder, VAE_DIR))
         decoder = cls(config, vae)

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import ConfigError, from_dict
+from .config import ConfigError, from_dict, read_json_config
 from .fsq import codebook_stats
 from .image import ResizePolicy, describe, preprocess, token_grid
 from .quantizer import ProximalQuantizer
@@ -74,6 +74,13 @@ class ViQConfig:
     def from_dict(cls, d: dict, where: str = "", source: str | None = None) -> "ViQConfig":
         return from_dict(cls, d, where, source)
 
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "ViQConfig":
+        """The config.json of a saved ViQ tokenizer directory."""
+        cfg_file = os.path.join(str(directory), CONFIG_NAME)
+        raw = read_json_config(cfg_file, f"{directory}: not a ViQ tokenizer directory (missing {CONFIG_NAME})")
+        return cls.from_dict(raw, source=cfg_file)
+
 
 VIQ_PRESETS: dict[str, ViQConfig] = {
     # A few M parameters: tests and the CPU demo.
@@ -120,16 +127,7 @@ class ViQModel(nn.Module):
     def from_pretrained(cls, path_or_preset: str | os.PathLike, device=None, dtype=None) -> "ViQModel":
         path = str(path_or_preset)
         if os.path.isdir(path):
-            cfg_file = os.path.join(path, CONFIG_NAME)
-            if not os.path.isfile(cfg_file):
-                raise ConfigError(f"{path}: not a ViQ tokenizer directory (missing {CONFIG_NAME})")
-            with open(cfg_file) as fh:
-                try:
-                    raw = json.load(fh)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{cfg_file}: invalid JSON ({e})") from None
-            raw.pop("model_type", None)
-            config = ViQConfig.from_dict(raw, source=cfg_file)
+            config = ViQConfig.load(path)
             with torch.device("meta"):
                 model = cls(config)
             weights = os.path.join(path, WEIGHTS_NAME)
