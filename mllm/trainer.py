@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -394,8 +395,11 @@ def run_training(cfg: TrainConfig, resume: str | None = None, trainer_class=None
         trainer = (trainer_class or Trainer)(cfg, resume=resume)
         last = trainer.train()
     except USER_ERRORS as e:
+        if os.environ.get("VIQ_DEBUG"):
+            raise  # the full traceback, for bugs that surface as one of these exception types
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"train_mllm: error: {message}", file=sys.stderr, flush=True)
+        program = Path(sys.argv[0]).stem or "train"
+        print(f"{program}: error: {message} (VIQ_DEBUG=1 shows the traceback)", file=sys.stderr, flush=True)
         return 1
     if trainer.is_main:
         print(f"[train] done: step {trainer.step}, loss {last.get('loss', float('nan')):.4f}; run directory {trainer.run_dir}")
