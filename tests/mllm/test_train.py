@@ -169,3 +169,12 @@ def test_non_finite_loss_stops_or_is_skipped(colour_data, tmp_path):
     launch([*common, "--run-dir", str(tmp_path / "skip"), "--set", "trainer.nonfinite=skip"])
     rows = metrics(tmp_path / "skip")
     assert rows[-1]["skipped_steps"] == 3 and rows[0]["loss"] == rows[0]["loss"]  # step 1 finite, 2-4 skipped
+
+
+@pytest.mark.slow
+def test_online_vision_source_trains_through_the_launcher(colour_data, tmp_path):
+    run = tmp_path / "online"
+    launch(["--set", f"data.train={colour_data}", *FAST, "--set", "vision.source=online", "--set", "trainer.export=false",
+            "--run-dir", str(run), "--max-steps", "3"])
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] == r["loss"] for r in rows)

@@ -56,3 +56,37 @@ def test_missing_and_corrupt_images_are_counted_not_lost(tmp_path):
     # a rerun resumes: nothing new to encode, the same two are reported again
     again = extract_file(viq, "viq-tiny", str(train), str(tmp_path / "codes"), log=None)
     assert again["images_already_cached"] == 3 and again["images_encoded"] == 0
+
+
+def test_extraction_as_two_ranks_then_merge_and_verify(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    train = make_colour_dataset(tmp_path / "d", n=7)
+    out = tmp_path / "codes"
+    for rank in (0, 1):
+        proc = subprocess.run([sys.executable, "scripts/extract_codes.py", "--tokenizer", "viq-tiny", "--data", str(train),
+                               "--out", str(out), "--rank", str(rank), "--world-size", "2"],
+                              cwd=repo, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-1500:]
+    merged = subprocess.run([sys.executable, "scripts/extract_codes.py", "--out", str(out), "--merge"], cwd=repo,
+                            capture_output=True, text=True, timeout=120)
+    assert json.loads(merged.stdout) == {"shards": 2, "records": 7}
+    verified = subprocess.run([sys.executable, "scripts/extract_codes.py", "--out", str(out), "--verify"], cwd=repo,
+                              capture_output=True, text=True, timeout=120)
+    assert verified.returncode == 0 and json.loads(verified.stdout)["ok"] is True
+    store = CodeStore(out)
+    viq = ViQModel.from_pretrained("viq-tiny")
+    first = viq.encode([str(train.parent / "images" / "003.png")])[0]
+    assert torch.equal(store.get("images/003.png"), first)
+    # damage a shard: --verify reports it and fails
+    shard = sorted(out.glob("codes-001-*.bin"))[0]
+    data = bytearray(shard.read_bytes())
+    data[0] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    bad = subprocess.run([sys.executable, "scripts/extract_codes.py", "--out", str(out), "--verify"], cwd=repo,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and shard.name in bad.stdout
