@@ -15,15 +15,17 @@ The module below is one nn.Module whose forward(batch) returns the token-loss su
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mllm.config import TrainConfig
+from mllm.trainer import Trainer
+from viq import ViQModel
 from viq.config import ConfigError
-from viq.fsq import codebook_stats
 
 
 @dataclass
@@ -169,19 +171,7 @@ class ViQTrainModel(nn.Module):
         return {"loss_sum": loss_sum, "n_supervised": n_sup, "aux_loss": aux, "logs": logs}
 
 
-def codebook_usage_of(model: ViQTrainModel, pixels) -> dict:
-    with torch.no_grad():
-        out = model.viq(pixels)
-    return codebook_stats(out["indices"], model.viq.codebook_size)
-
-
 # ---- the trainer ---------------------------------------------------------------------------
-from pathlib import Path  # noqa: E402
-
-from dataclasses import replace  # noqa: E402
-
-from mllm.trainer import Trainer  # noqa: E402
-from viq import ViQModel  # noqa: E402
 
 EXPORT_DIR = "export"
 
