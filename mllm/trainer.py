@@ -68,9 +68,12 @@ class Trainer:
         )
         self.viq_config = viq_cfg
         self._make_data()
+        _, plan = self.loader.plan_epoch()
         self.info(
-            f"data: {len(self.dataset)} samples, {self.loader.steps_per_epoch} steps per epoch "
-            f"({self.capacity} tokens x {cfg.data.micro_batch_packs} packs x {cfg.trainer.grad_accum} accumulation x {self.world} ranks)"
+            f"data: {len(self.dataset)} samples, {self.loader.steps_per_epoch // cfg.trainer.grad_accum} steps per epoch "
+            f"({self.capacity} tokens x {cfg.data.micro_batch_packs} packs x {cfg.trainer.grad_accum} accumulation x "
+            f"{self.world} ranks), packing efficiency {plan.efficiency:.3f}; longer than {self.capacity} tokens: "
+            f"{plan.n_truncated} truncated, {plan.n_dropped} dropped (data.overlong={cfg.data.overlong})"
         )
         self.model = self._build_model()
         self._freeze()
@@ -285,6 +288,9 @@ class Trainer:
             record[key] = sum(values) / len(values)
         if self.totals["skipped_steps"]:
             record["skipped_steps"] = self.totals["skipped_steps"]
+        stats = self.loader.stats  # samples longer than max_seq_len, per data.overlong (this rank's loader)
+        if stats.n_truncated or stats.n_dropped:
+            record["samples_truncated"], record["samples_dropped"] = stats.n_truncated, stats.n_dropped
         if self.peak_flops:
             record["mfu"] = sum(m["flops"] for m in interval) / seconds / (self.peak_flops * self.world)
         if self.is_main:
