@@ -53,7 +53,8 @@ class ViQStageConfig:
     train_quantizer: bool = True  # stage 2
     train_llm: bool = False
     usage_warn_below: float = 0.05  # warn when the fraction of codes used in a step falls below this
-    center_bottleneck: bool = True  # stage 2: data-dependent bottleneck bias (see ProximalQuantizer.center_bottleneck)
+    center_bottleneck: bool = True  # stage 2: centre the quantiser's input on the data (ProximalQuantizer.center_bottleneck)
+    center_momentum: float = 0.9  # stage 2 with train_vit: the centre follows the moving ViT tokens (EMA per step)
     phases: list[PhaseConfig] = field(default_factory=list)  # empty: one phase from data/trainer settings
 
 
@@ -255,6 +256,9 @@ class ViQTrainer(Trainer):
                                           seed=self.cfg.trainer.seed)
         if v.stage == 2 and v.center_bottleneck:
             self._center_bottleneck(viq)
+        if v.stage == 2 and v.train_vit:
+            # A fixed centre goes stale as the ViT moves and usage collapses to one code (measured).
+            viq.config.center_momentum = v.center_momentum
         model = ViQTrainModel(viq, mllm, v, decoder=decoder).to(device=self.device, dtype=self.dtype)
         if v.stage == 2:
             # The stage-1 projector read continuous features; stage 2 feeds quantised ones to a new one.

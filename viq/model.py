@@ -49,6 +49,7 @@ class ViQConfig:
     quant_heads: int = 2
     levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
     feature_dim: int = 192
+    center_momentum: float = 0.0  # > 0: the quantiser's input centre follows the tokens (EMA) while training
     attn_backend: str = "auto"
     max_tokens_per_batch: int = 16384
     seed: int = 0

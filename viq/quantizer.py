@@ -113,6 +113,10 @@ class ProximalQuantizer(nn.Module):
         return self.merge(rearrange(sub, "n s d -> n (s d)"))
 
     def forward(self, tokens: torch.Tensor, grids, cu_seqlens: torch.Tensor) -> dict:
+        momentum = self.cfg.center_momentum
+        if self.training and momentum > 0:  # the ViT is training too: keep the centre current
+            with torch.no_grad():
+                self.token_mean.lerp_(tokens.detach().float().mean(0).to(self.token_mean), 1 - momentum)
         f1 = linf_normalize(self.bottleneck(tokens - self.token_mean.to(tokens.dtype)))
         g = self.down(f1)
         expanded = self.expand(g, grids, cu_seqlens)

@@ -137,3 +137,19 @@ def test_centred_bottleneck_subtracts_the_mean_token_and_is_saved(tmp_path):
     assert len(centred["indices"].unique()) > 1
     m.save_pretrained(tmp_path / "c")
     assert torch.equal(ViQModel.from_pretrained(tmp_path / "c").quantizer.token_mean, tokens.mean(0))
+
+
+def test_centre_follows_the_tokens_when_momentum_is_set():
+    m = ViQModel.from_pretrained("viq-tiny")
+    q = m.quantizer
+    tokens = torch.randn(8, m.config.width) + 3.0
+    grids, cu = [(2, 4)], torch.tensor([0, 8], dtype=torch.int32)
+    q.train()
+    q(tokens, grids, cu)
+    assert torch.equal(q.token_mean, torch.zeros(m.config.width))  # momentum 0: a fixed centre
+    m.config.center_momentum = 0.5
+    q(tokens, grids, cu)
+    assert torch.allclose(q.token_mean, 0.5 * tokens.mean(0))
+    q.eval()
+    q(tokens, grids, cu)
+    assert torch.allclose(q.token_mean, 0.5 * tokens.mean(0))  # never moves at inference
