@@ -87,6 +87,24 @@ class Trainer:
         tag_dir = ckpt.find_resume(self.ckpt_dir, resume)
         if tag_dir is not None:
             self._resume(tag_dir)
+        self._trim_metrics()
+
+    def _trim_metrics(self) -> None:
+        """metrics.jsonl holds exactly this run's history: rows after the resumed step (logged
+        after the last save, before a crash) are dropped; a fresh start begins an empty file."""
+        path = self.run_dir / "metrics.jsonl"
+        if not self.is_main or not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= self.step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut by a kill
+        if not kept and self.step == 0:
+            self.info(f"starting a new run in {self.run_dir}: the previous metrics.jsonl is replaced")
+        path.write_text("".join(line + "\n" for line in kept))
 
     # ---- construction ----------------------------------------------------------------------
     def data_settings(self) -> tuple:
