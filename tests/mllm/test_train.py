@@ -176,3 +176,15 @@ def test_online_vision_source_trains_through_the_launcher(colour_data, tmp_path)
             "--run-dir", str(run), "--max-steps", "3"])
     rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] == r["loss"] for r in rows)
+
+
+@pytest.mark.slow
+def test_zero3_does_not_hang_when_a_rank_has_no_image(tmp_path):
+    """Small packs over a half text-only data set: some steps give one rank no image at all,
+    which hangs ZeRO-3 unless every rank runs the same modules (LLaMA-Factory #5714)."""
+    data = make_colour_dataset(tmp_path / "mixed", n=24, text_only_every=2)
+    run = tmp_path / "z3mixed"
+    launch(["--set", f"data.train={data}", *FAST, "--set", "trainer.zero_stage=3", "--set", "data.max_seq_len=160",
+            "--set", "data.buffer_size=4", "--set", "trainer.export=false", "--run-dir", str(run), "--max-steps", "6"],
+           ranks=2, timeout=300)
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5, 6]
