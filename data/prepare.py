@@ -43,30 +43,31 @@ def load_training_records(cfg, seed: int):
 
 def prepare_training_data(cfg, viq_cfg, *, rank: int, barrier, get_viq, log=print):
     """(records, image_root, code_store or None) with everything generated/extracted as needed."""
+    # Rank 0 creates what is missing; every rank then meets at the barrier unconditionally: a
+    # rank that checked after rank 0 had finished would otherwise skip it and deadlock the rest.
     path = train_path(cfg)
-    if not path.exists():
-        if cfg.data.train:
-            raise FileNotFoundError(f"data.train: {path} does not exist")
-        if rank == 0:
-            from data.synthetic import make_synthetic_dataset
+    if rank == 0 and not cfg.data.train and not path.exists():
+        from data.synthetic import make_synthetic_dataset
 
-            log(f"generating the synthetic demo data set ({cfg.data.synthetic_n} samples) in {cfg.data.root}")
-            make_synthetic_dataset(cfg.data.root, cfg.data.synthetic_n, seed=cfg.trainer.seed)
-        barrier()
+        log(f"generating the synthetic demo data set ({cfg.data.synthetic_n} samples) in {cfg.data.root}")
+        make_synthetic_dataset(cfg.data.root, cfg.data.synthetic_n, seed=cfg.trainer.seed)
+    barrier()
+    if not path.exists():
+        raise FileNotFoundError(f"data.train: {path} does not exist")
     records, image_root = load_training_records(cfg, cfg.trainer.seed)
     if cfg.vision.source == "online":
         return records, image_root, None
     codes_dir = default_codes_dir(cfg)
-    if not (codes_dir / "manifest.json").exists():
-        if not cfg.vision.extract_if_missing:
-            raise FileNotFoundError(
-                f"vision.codes_dir: no code cache at {codes_dir}; run scripts/extract_codes.py or set vision.extract_if_missing=true"
-            )
-        if rank == 0:
-            log(f"extracting codes with {cfg.model.viq} into {codes_dir}")
-            summary = extract_codes(get_viq(), cfg.model.viq, records, str(codes_dir), key_root=image_root, log=None)
-            log(f"  {summary['images_encoded']} images at {summary['images_per_s']:.1f} images/s, "
-                f"compression {summary['compression_ratio'] or 0:.0f}x, {summary['images_skipped']} skipped")
-        barrier()
+    manifest = codes_dir / "manifest.json"
+    if rank == 0 and cfg.vision.extract_if_missing and not manifest.exists():
+        log(f"extracting codes with {cfg.model.viq} into {codes_dir}")
+        summary = extract_codes(get_viq(), cfg.model.viq, records, str(codes_dir), key_root=image_root, log=None)
+        log(f"  {summary['images_encoded']} images at {summary['images_per_s']:.1f} images/s, "
+            f"compression {summary['compression_ratio'] or 0:.0f}x, {summary['images_skipped']} skipped")
+    barrier()
+    if not manifest.exists():
+        raise FileNotFoundError(
+            f"vision.codes_dir: no code cache at {codes_dir}; run scripts/extract_codes.py or set vision.extract_if_missing=true"
+        )
     store = CodeStore(codes_dir, expected_meta=cache_meta(viq_cfg, cfg.model.viq))
     return records, image_root, store
