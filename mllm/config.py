@@ -26,8 +26,11 @@ class ModelConfig:
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     vocab_init: str = "mean"  # mean | codebook: how the new code rows start
     vocab_init_noise: float = 0.05
-    gradient_checkpointing: bool = False  # activation checkpointing of every decoder layer
-    loss_chunk_size: int = 1024
+    gradient_checkpointing: bool = False  # activation checkpointing of decoder layers
+    checkpoint_fraction: float = 1.0  # with gradient_checkpointing: share of the layers that recompute (evenly spread)
+    loss_impl: str = "chunked"  # chunked (recompute logits in backward) | fused (gradients in the forward; ZeRO <= 2)
+    loss_chunk_size: int = 1024  # rows of logits alive at a time
+    compile_layers: bool = False  # torch.compile each decoder layer (GPU: fuses norm / RoPE / SwiGLU)
 
 
 @dataclass
@@ -104,6 +107,7 @@ class TrainConfig:
             "model.dtype": (self.model.dtype, ("auto", "fp32", "bf16")),
             "model.vocab_init": (self.model.vocab_init, ("mean", "codebook")),
             "trainer.nonfinite": (self.trainer.nonfinite, ("stop", "skip")),
+            "model.loss_impl": (self.model.loss_impl, ("chunked", "fused")),
             "model.attn_implementation": (
                 self.model.attn_implementation,
                 ("auto", "sdpa", "flex_attention", "flash_attention_2", "eager"),
@@ -114,6 +118,11 @@ class TrainConfig:
                 raise ConfigError(f"config key '{key}' is '{value}'; valid values: {', '.join(valid)}")
         if self.trainer.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"config key 'trainer.zero_stage' is {self.trainer.zero_stage}; valid values: 0, 1, 2, 3")
+        if not 0.0 <= self.model.checkpoint_fraction <= 1.0:
+            raise ConfigError(f"config key 'model.checkpoint_fraction' must be in [0, 1], got {self.model.checkpoint_fraction}")
+        if self.model.loss_impl == "fused" and self.trainer.zero_stage == 3:
+            raise ConfigError("config key 'model.loss_impl' is 'fused', which needs the whole head weight on each rank: "
+                              "use trainer.zero_stage <= 2 or model.loss_impl=chunked")
         positive = {
             "data.max_seq_len": self.data.max_seq_len,
             "data.buffer_size": self.data.buffer_size,

@@ -55,11 +55,24 @@ def device_and_dtype(dtype_name: str) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
+def _multi_rank() -> bool:
+    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
 def all_reduce_sum(value: float | int, device: torch.device) -> float:
+    """Sum of a host number over ranks; on a single rank no device round trip (no sync)."""
+    if not _multi_rank():
+        return float(value)
     t = torch.tensor(float(value), dtype=torch.float64, device=device)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t)
+    torch.distributed.all_reduce(t)
     return float(t.item())
+
+
+def all_reduce_vector(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks of a device tensor (in place); unchanged on a single rank."""
+    if _multi_rank():
+        torch.distributed.all_reduce(t)
+    return t
 
 
 def gathered(stage: int):
@@ -205,9 +218,10 @@ def initialize_engine(model, cfg, use_bf16: bool):
 
     ds_config = load_ds_config(cfg, use_bf16)
     if cfg.model.gradient_checkpointing:
-        # Checkpoint by layer class: every decoder layer of the LLM recomputes in backward.
-        model.gradient_checkpointing_enable()
-        log.info("activation checkpointing: every %s", model.decoder_layer_class.__name__)
+        n = model.gradient_checkpointing_enable(fraction=cfg.model.checkpoint_fraction)
+        log.info("activation checkpointing: %d of the %s layers", n, model.decoder_layer_class.__name__)
+    if cfg.model.compile_layers:
+        log.info("torch.compile: %d decoder layers", model.compile_decoder_layers())
     groups, group_sizes = build_param_groups(model, cfg)
     total = cfg.optim.schedule_steps or cfg.trainer.max_steps
 

@@ -16,10 +16,10 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig, Qwen2ForCausalLM
 
 from data.vocab import SUBCODES, CodeVocab
+from mllm.loss import LOSS_IMPLEMENTATIONS, chunked_linear_cross_entropy, fused_linear_cross_entropy, head_weight
 from mllm.presets import build_llm
 
 IGNORE_INDEX = -100
@@ -244,6 +244,12 @@ class CodeMerger(nn.Module):
         return F.linear(sub_embeds.flatten(-2), self.weight, self.bias)
 
 
+def checkpointed_layer_indices(n_layers: int, fraction: float) -> set[int]:
+    """round(fraction * n_layers) layer indices spread evenly over [0, n_layers)."""
+    k = round(fraction * n_layers)
+    return {int(i * n_layers / k) for i in range(k)} if k else set()
+
+
 def _varlen_kwargs(position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None) -> dict:
     """flash-attn varlen arguments for the batch flattened into one row (one host sync per step)."""
     total = position_ids.numel()
@@ -278,6 +284,7 @@ class ViQMLLM(nn.Module):
         *,
         loss_chunk_size: int = 1024,
         checkpoint_loss_chunks: bool = True,
+        loss_impl: str = "chunked",
     ):
         super().__init__()
         rows = llm.get_input_embeddings().num_embeddings
@@ -289,6 +296,9 @@ class ViQMLLM(nn.Module):
         self.vocab = vocab
         self.loss_chunk_size = loss_chunk_size
         self.checkpoint_loss_chunks = checkpoint_loss_chunks
+        if loss_impl not in LOSS_IMPLEMENTATIONS:
+            raise ValueError(f"unknown loss_impl {loss_impl!r}; valid: {', '.join(LOSS_IMPLEMENTATIONS)}")
+        self.loss_impl = loss_impl
         table = next(llm.get_input_embeddings().parameters())  # nn.Embedding.weight or SplitEmbedding.text_rows
         self.merger = CodeMerger(llm.config.hidden_size).to(device=table.device, dtype=table.dtype)
 
@@ -301,13 +311,32 @@ class ViQMLLM(nn.Module):
     def config(self):
         return self.llm.config
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """HF activation checkpointing of every decoder layer (non-reentrant unless told otherwise)."""
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, fraction: float = 1.0) -> int:
+        """HF activation checkpointing (non-reentrant unless told otherwise) of `fraction` of the
+        decoder layers, spread evenly over the depth; returns how many layers recompute.
+
+        Selective checkpointing trades memory for speed: each layer left out keeps its
+        activations and skips one forward recomputation in backward.
+        """
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"checkpointing fraction must be in [0, 1], got {fraction}")
         kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
         if hasattr(self.llm, "activation_checkpointing_enable"):  # transformers >= 5.x name
             self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        layers = self.llm.model.layers
+        chosen = checkpointed_layer_indices(len(layers), fraction)
+        for i, layer in enumerate(layers):
+            layer.gradient_checkpointing = i in chosen  # the flag HF's checkpointing layer reads per call
+        return len(chosen)
+
+    def compile_decoder_layers(self, **compile_kwargs) -> int:
+        """torch.compile each decoder layer in place (fuses RMSNorm, RoPE, SwiGLU and the residual
+        adds); the embedding, the mask construction and the loss stay eager. Returns the count."""
+        for layer in self.llm.model.layers:
+            layer.compile(**compile_kwargs)
+        return len(self.llm.model.layers)
 
     def gradient_checkpointing_disable(self) -> None:
         if hasattr(self.llm, "activation_checkpointing_disable"):
@@ -443,27 +472,17 @@ class ViQMLLM(nn.Module):
 
     # -- loss ---------------------------------------------------------------------------------
 
-    def _chunk_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.llm.get_output_embeddings()(hidden).float()
-        return F.cross_entropy(logits, targets, reduction="sum")
-
     def loss_from_hidden(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(fp32 sum of CE over supervised tokens, their count); logits exist one chunk at a time."""
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # position t predicts token t + 1
         supervised = targets != IGNORE_INDEX
+        # Only supervised positions reach the head: most of a multimodal pack (image tokens, prompts) never does.
         hidden, targets = hidden[supervised], targets[supervised]
-        n = targets.shape[0]
-        chunk = self.loss_chunk_size if self.loss_chunk_size > 0 else max(n, 1)
-        recompute = self.checkpoint_loss_chunks and torch.is_grad_enabled() and hidden.requires_grad
-        loss_sum = hidden.new_zeros((), dtype=torch.float32)
-        # At least one lm_head call even with nothing supervised: every rank runs the same modules.
-        for start in range(0, max(n, 1), chunk):
-            h, y = hidden[start : start + chunk], targets[start : start + chunk]
-            if recompute:  # keep only the hidden chunk for backward, not its fp32 logits
-                part = checkpoint(self._chunk_loss, h, y, use_reentrant=False)
-            else:
-                part = self._chunk_loss(h, y)
-            loss_sum = loss_sum + part
+        head = self.llm.get_output_embeddings()
+        if self.loss_impl == "fused":
+            loss_sum = fused_linear_cross_entropy(hidden, head_weight(head), targets, self.loss_chunk_size)
+        else:
+            loss_sum = chunked_linear_cross_entropy(hidden, head, targets, self.loss_chunk_size, self.checkpoint_loss_chunks)
         return loss_sum, supervised.sum()
 
     def forward(self, batch: dict, *, return_logits: bool = False) -> dict:
@@ -570,6 +589,7 @@ def build_mllm(
     seed: int = 0,
     gathered: Callable = no_gather,
     loss_chunk_size: int = 1024,
+    loss_impl: str = "chunked",
     **config_overrides,
 ) -> ViQMLLM:
     """build_llm + extend_vocabulary + ViQMLLM: the training starting point (seed torch before a preset)."""
@@ -579,4 +599,4 @@ def build_mllm(
     extend_vocabulary(
         llm, vocab, init=init, codebook_features=codebook_features, noise_std=noise_std, seed=seed, gathered=gathered
     )
-    return ViQMLLM(llm, vocab, loss_chunk_size=loss_chunk_size)
+    return ViQMLLM(llm, vocab, loss_chunk_size=loss_chunk_size, loss_impl=loss_impl)

@@ -30,6 +30,7 @@ from mllm import checkpoint as ckpt
 from mllm.config import TrainConfig, save_config
 from mllm.engine import (
     all_reduce_sum,
+    all_reduce_vector,
     apply_freezing,
     device_and_dtype,
     gathered,
@@ -157,7 +158,7 @@ class Trainer:
         model = build_mllm(
             c.llm, self.vocab, attn_implementation=c.attn_implementation, dtype=self.dtype, device=self.device,
             init=c.vocab_init, codebook_features=features, noise_std=c.vocab_init_noise, seed=self.cfg.trainer.seed,
-            loss_chunk_size=c.loss_chunk_size,
+            loss_chunk_size=c.loss_chunk_size, loss_impl=c.loss_impl,
         )
         if self.cfg.optim.code_embedding_lr > 0:  # own tensors for the code rows, so they get their own LR
             model.split_code_rows()
@@ -193,52 +194,65 @@ class Trainer:
         return out
 
     def train_step(self, micro_batches: list[dict]) -> dict:
-        """One optimizer step over this rank's micro-batches; returns the step's global metrics."""
+        """One optimizer step over this rank's micro-batches; returns the step's global metrics.
+
+        Host-device syncs are kept to what the step needs: the host counts of the batches are
+        summed with one all-reduce (none on a single rank); with trainer.nonfinite=stop the
+        finiteness check waits only once backward is queued, so the GPU keeps working; the loss
+        and logged values stay on the device until the one read at the end of the step.
+        """
         t0 = time.perf_counter()
         local_sup = sum(int(b["n_supervised"]) for b in micro_batches)
         n_global = all_reduce_sum(local_sup, self.device)
         scale = self.world / max(n_global, 1.0)  # DeepSpeed averages gradients over ranks
-        loss_total, skipped = 0.0, 0
+        check_before_backward = self.cfg.trainer.nonfinite == "skip"
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
+        skipped = 0
         self.engine.train()
-        logs: dict[str, list[float]] = {}
+        logs: dict[str, list] = {}
         for j, batch in enumerate(micro_batches):
             out = self.engine(self._to_device(batch))
             loss_sum = out["loss_sum"]
             # Auxiliary losses arrive as means: averaged over micro-batches here, over ranks by DeepSpeed.
             aux = out.get("aux_loss")
             objective = loss_sum * scale if aux is None else loss_sum * scale + aux / len(micro_batches)
-            bad = all_reduce_sum(0.0 if torch.isfinite(objective) else 1.0, self.device)
-            if bad:
-                if self.cfg.trainer.nonfinite == "stop":
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {self.step + 1}, micro-batch {j} (samples {batch.get('sample_indices', [])[:8]}); "
-                        "stopping before the update. Lower optim.lr or set trainer.nonfinite=skip to skip such batches"
-                    )
+            if check_before_backward and _any_rank_nonfinite(objective):
                 skipped += 1
                 continue
             self.engine.backward(objective, scale_wrt_gas=False)
+            if not check_before_backward and _any_rank_nonfinite(objective):
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {self.step + 1}, micro-batch {j} (samples {batch.get('sample_indices', [])[:8]}); "
+                    "stopping before the update. Lower optim.lr or set trainer.nonfinite=skip to skip such batches"
+                )
             self.engine.step()
-            loss_total += float(loss_sum.detach())
+            loss_total += loss_sum.detach()
             if aux is not None:
-                logs.setdefault("aux_loss", []).append(float(aux.detach()))
+                logs.setdefault("aux_loss", []).append(aux.detach())
             for key, value in out.get("logs", {}).items():
-                logs.setdefault(key, []).append(float(value))
+                logs.setdefault(key, []).append(value.detach() if torch.is_tensor(value) else value)
         if skipped == len(micro_batches):
             self.totals["skipped_steps"] += 1
-        seconds = time.perf_counter() - t0
-        tokens = all_reduce_sum(sum(int(b["n_real_tokens"]) for b in micro_batches), self.device)
         # Efficiency against the full capacity of every pack, whether or not rows were padded to it.
         pack_capacity = self.cfg.data.max_seq_len * self.cfg.data.micro_batch_packs
-        capacity = all_reduce_sum(pack_capacity * len(micro_batches), self.device)
-        samples = all_reduce_sum(sum(int(b["n_samples"]) for b in micro_batches), self.device)
-        loss_global = all_reduce_sum(loss_total, self.device)
-        sq = all_reduce_sum(sum(_sum_sq_lengths(b) for b in micro_batches), self.device)
+        log_keys = sorted(logs)
+        host = torch.tensor([
+            sum(int(b["n_real_tokens"]) for b in micro_batches), pack_capacity * len(micro_batches),
+            sum(int(b["n_samples"]) for b in micro_batches), sum(_sum_sq_lengths(b) for b in micro_batches),
+        ], dtype=torch.float64)
+        device_values = torch.stack([loss_total] + [
+            torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in logs[k]]).mean()
+            for k in log_keys
+        ])
+        totals = all_reduce_vector(torch.cat([host.to(self.device), device_values])).tolist()  # the step's one read
+        tokens, capacity, samples, sq, loss_global = totals[:5]
+        seconds = time.perf_counter() - t0
         flops = self.flops_per_token * tokens + self.attn_flops_coeff * sq + self.head_flops_per_token * n_global
         return {
             "loss_sum": loss_global, "n_supervised": n_global, "tokens": tokens, "capacity": capacity,
             "samples": samples, "seconds": seconds, "flops": flops, "skipped_micro_batches": skipped,
             "sample_indices": [i for b in micro_batches for i in b.get("sample_indices", [])],
-            "logs": {k: all_reduce_sum(sum(v) / len(v), self.device) / self.world for k, v in logs.items()},
+            "logs": {k: v / self.world for k, v in zip(log_keys, totals[5:])},
         }
 
     # ---- the loop --------------------------------------------------------------------------
@@ -381,6 +395,11 @@ class Trainer:
         self._barrier()
         self.info(f"exported {out}")
         return out
+
+
+def _any_rank_nonfinite(value: torch.Tensor) -> bool:
+    """True when `value` is inf/nan on any rank (one all-reduce and one read)."""
+    return bool(all_reduce_vector((~torch.isfinite(value.detach())).to(torch.float64).reshape(1)).item())
 
 
 def _sum_sq_lengths(batch: dict) -> float:
