@@ -1,146 +1,333 @@
-"""Training-step throughput: cached codes vs the vision encoder in the loop.
+"""Training throughput: cached codes vs a vision encoder in the loop, through the real trainer.
 
-The arms share the LLM, the packed batch and the optimizer; they differ only in where the
-image positions' inputs come from:
+Every arm is a `Trainer` (the class `train_mllm.py` runs) with its DeepSpeed engine, fed the
+same synthetic packed micro-batches; the arms differ only in where the inputs at the image
+positions come from:
 
-- `codes`: integer codes read from the cache (what train_mllm.py does by default);
-- `online_viq`: the ViQ tokenizer encodes the images inside the step (no gradient);
-- `continuous_frozen`: a continuous encoder (the ViQ ViT, no quantiser) + MLP projector,
-  the encoder frozen — LLaVA-style training with the vision tower in the loop;
-- `continuous_trainable`: the same with gradients through the encoder.
+- `codes`: cached integer codes (what train_mllm.py does by default; no encoder in the loop);
+- `online_viq`: the ViQ tokenizer encodes the images inside the step (frozen, no gradient);
+- `<encoder>_frozen` / `<encoder>_trainable`: a continuous encoder (`mllm/encoders.py`) + MLP
+  projector, the LLaVA / InternVL set-up, with the encoder frozen or trained.
 
-Each step is forward + backward + AdamW update, timed after warm-up with device syncs.
+Per arm: the forward pass (no gradient) and the full step (forward, backward, DeepSpeed
+optimizer step) are timed after warm-up with device syncs; reported with tokens/s, samples/s,
+peak memory and MFU (dense matmul + attention FLOPs of the LLM and of the encoder in the loop).
 """
 from __future__ import annotations
 
+import dataclasses
+import gc
+import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
-from data.packing import collate_packed
-from data.tokenizer import build_tokenizer
+from data.packing import collate_packed, concat_packed
 from data.vocab import SUBCODES
-from mllm.model import build_mllm
-from mllm.viq_training import projector
-from viq import ViQModel
-from viq.bench import gpu_peak_flops
+from mllm.config import TrainConfig
+from mllm.encoders import ContinuousEncoder, encoder_forward_flops, get_encoder_spec, mlp_projector
+from mllm.trainer import Trainer
+from viq.bench import encode_flops
 
-ARMS = ("codes", "online_viq", "continuous_frozen", "continuous_trainable")
+BASE_ARMS = ("codes", "online_viq")
 
 
-def synthetic_pack(vocab, viq_cfg, capacity: int, image_size: int, rng) -> tuple[dict, list[torch.Tensor]]:
-    """A pack of single-image samples (each: image tokens + ~64 text tokens) filling capacity."""
-    g = image_size // (viq_cfg.patch_size * viq_cfg.merge_size)
-    samples, pixels = [], []
-    used = 0
+def arm_names(encoders: list[str]) -> list[str]:
+    return [*BASE_ARMS, *(f"{e}_{mode}" for e in encoders for mode in ("frozen", "trainable"))]
+
+
+@dataclass
+class StepSettings:
+    """The training-step settings under test (the levers of docs/benchmarks.md)."""
+
+    micro_batch_packs: int = 1
+    gradient_checkpointing: bool = False
+    checkpoint_fraction: float = 1.0
+    loss_impl: str = "chunked"
+    compile_layers: bool = False
+    attn_implementation: str = "auto"
+    zero_stage: int = 1
+
+
+@dataclass
+class BenchSpec:
+    llm: str
+    viq: str
+    capacity: int
+    image_size: int = 448
+    text_tokens: tuple[int, int] = (64, 192)  # text per sample, uniform: ~30% of the tokens with 448 px images
+    steps: int = 5
+    warmup: int = 2
+    settings: StepSettings = field(default_factory=StepSettings)
+    seed: int = 0
+
+
+def synthetic_samples(vocab, grid: int, image_size: int, capacity: int, text_tokens, rng) -> list[dict]:
+    """Single-image conversations (image block + text, the answer half supervised) filling one pack."""
+    samples, used = [], 0
+    image = [vocab.vision_start_id] + ([vocab.image_pad_id] * grid + [vocab.row_end_id]) * grid + [vocab.vision_end_id]
     while True:
-        n_text = int(rng.integers(32, 96))
-        length = vocab.image_length(g, g) + n_text
-        if used + length > capacity:
+        n_text = int(rng.integers(text_tokens[0], text_tokens[1] + 1))
+        if used + len(image) + n_text > capacity:
             break
-        image = [vocab.vision_start_id] + ([vocab.image_pad_id] * g + [vocab.row_end_id]) * g + [vocab.vision_end_id]
-        text = rng.integers(0, 150000, n_text).tolist()
-        ids = torch.tensor(image + text)
+        ids = torch.tensor(image + rng.integers(0, 150000, n_text).tolist())
         labels = ids.clone()
         labels[: len(image) + n_text // 2] = -100
-        codes = torch.from_numpy(rng.integers(0, vocab.codebook_size, (g * g, SUBCODES))).long() + vocab.code_base
-        samples.append({"input_ids": ids, "labels": labels, "codes": codes})
-        pixels.append(torch.randn(3, image_size, image_size))
-        used += length
+        codes = torch.from_numpy(rng.integers(0, vocab.codebook_size, (grid * grid, SUBCODES))) + vocab.code_base
+        pixels = torch.from_numpy(rng.standard_normal((3, image_size, image_size), dtype=np.float32))
+        samples.append({"input_ids": ids, "labels": labels, "codes": codes, "images": [pixels]})
+        used += len(ids)
     if not samples:
-        raise ValueError(f"capacity {capacity} is too small for one {image_size}px image sample")
-    return collate_packed(samples, capacity, pad_to_capacity=True), pixels
+        raise ValueError(f"capacity {capacity} is too small for one {image_size}px image sample ({len(image)} tokens)")
+    return samples
 
 
-class ContinuousArm(torch.nn.Module):
-    def __init__(self, vit, mllm):
+class ContinuousArm(nn.Module):
+    """Continuous encoder -> MLP projector -> the ViQMLLM's LLM, on the same packed batch."""
+
+    def __init__(self, encoder: ContinuousEncoder, mllm, trainable_encoder: bool):
         super().__init__()
-        self.vit, self.mllm = vit, mllm
-        hidden = mllm.config.hidden_size
-        self.projector = projector(vit.cfg.width, hidden, hidden)
+        self.encoder, self.mllm = encoder, mllm
+        self.projector = mlp_projector(encoder.out_dim, mllm.config.hidden_size)
+        self.trainable_encoder = trainable_encoder
 
-    def forward(self, batch, pixels, frozen_encoder: bool):
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_encoder):
-            features, _, _ = self.vit(pixels)
-        llm = self.mllm.llm
-        mask = batch["input_ids"] == self.mllm.vocab.image_pad_id
-        text = llm.get_input_embeddings()(batch["input_ids"])
-        inputs = text.masked_scatter(mask.unsqueeze(-1), self.projector(features).to(text.dtype))
-        hidden = llm.model(inputs_embeds=inputs, position_ids=batch["position_ids"], attention_mask=None,
-                           use_cache=False).last_hidden_state
-        return self.mllm.loss_from_hidden(hidden, batch["labels"])
+    # what the trainer and the engine helpers read from the model they train
+    llm = property(lambda self: self.mllm.llm)
+    vocab = property(lambda self: self.mllm.vocab)
+    code_rows_split = property(lambda self: self.mllm.code_rows_split)
+    decoder_layer_class = property(lambda self: self.mllm.decoder_layer_class)
+
+    def gradient_checkpointing_enable(self, fraction: float = 1.0) -> int:
+        self.encoder.checkpointing = True  # a trained encoder's activations would dwarf the LLM's otherwise
+        return self.mllm.gradient_checkpointing_enable(fraction=fraction)
+
+    def compile_decoder_layers(self) -> int:
+        return self.mllm.compile_decoder_layers()
+
+    def forward(self, batch: dict) -> dict:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable_encoder):
+            features = self.encoder(batch["pixels"])
+        ids = batch["input_ids"]
+        text = self.llm.get_input_embeddings()(ids)
+        mask = (ids == self.vocab.image_pad_id).unsqueeze(-1)
+        inputs = text.masked_scatter(mask, self.projector(features.to(text.dtype)).to(text.dtype))
+        hidden = self.llm.model(inputs_embeds=inputs, position_ids=batch["position_ids"], attention_mask=None,
+                                use_cache=False).last_hidden_state
+        loss_sum, n = self.mllm.loss_from_hidden(hidden, batch["labels"])
+        return {"loss_sum": loss_sum, "n_supervised": n}
 
 
-def run_throughput_benchmark(llm: str, viq: str, capacity: int, image_size: int, steps: int, warmup: int,
-                             device=None, dtype=None, arms=ARMS, gradient_checkpointing=False) -> dict:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    unknown = set(arms) - set(ARMS)
-    if unknown:
-        raise ValueError(f"unknown arm(s) {sorted(unknown)}; valid: {', '.join(ARMS)}")
-    tokenizer_model = ViQModel.from_pretrained(viq, device=device, dtype=torch_dtype)
-    _, vocab = build_tokenizer(llm, tokenizer_model.config)
-    rng = np.random.default_rng(0)
-    batch, pixels = synthetic_pack(vocab, tokenizer_model.config, capacity, image_size, rng)
-    batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-    pixels = [p.to(device=device, dtype=torch_dtype) for p in pixels]
-    torch.manual_seed(0)
-    mllm = build_mllm(llm, vocab, dtype=torch_dtype, device=device)
-    if gradient_checkpointing:
-        mllm.gradient_checkpointing_enable()
-    n_images = len(pixels)
-    result = {"llm": llm, "viq": viq, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "dtype": str(torch_dtype).replace("torch.", ""), "capacity": capacity, "image_size": image_size,
-              "images_per_pack": n_images, "real_tokens": int(batch["n_real_tokens"]),
-              "image_tokens": int(batch["codes"].shape[0]), "steps": steps, "arms": {}}
-    for arm in arms:
-        if arm.startswith("continuous"):
-            model = ContinuousArm(tokenizer_model.vit, mllm).to(device=device, dtype=torch_dtype)
-            model.vit.requires_grad_(arm == "continuous_trainable")
+class BenchTrainer(Trainer):
+    """The real trainer with synthetic packs instead of a data set, and the arm's model."""
+
+    def __init__(self, cfg: TrainConfig, spec: BenchSpec, arm: str):
+        self.spec, self.arm = spec, arm
+        super().__init__(cfg)
+
+    def _setup_data(self) -> None:
+        spec, vocab = self.spec, self.vocab
+        grid = spec.image_size // (self.viq_config.patch_size * self.viq_config.merge_size)
+        rng = np.random.default_rng(spec.seed + 1000 * self.rank)
+        self.capacity = spec.capacity
+        packs = self.cfg.data.micro_batch_packs
+        self.bench_batches = []
+        for _ in range(2):  # two different micro-batches, alternated
+            rows = [collate_packed(synthetic_samples(vocab, grid, spec.image_size, spec.capacity, spec.text_tokens, rng),
+                                   spec.capacity, pad_to_capacity=True, pad_id=self.tokenizer.pad_token_id,
+                                   image_pad_id=vocab.image_pad_id) for _ in range(packs)]
+            batch = concat_packed(rows)
+            batch["pixels"] = torch.stack(batch["images"])
+            self.bench_batches.append(batch)
+        self.loader = None
+
+    def _build_model(self):
+        mllm = super()._build_model()
+        if self.arm in BASE_ARMS:
+            return mllm
+        name, mode = self.arm.rsplit("_", 1)
+        with torch.device(self.device):  # random init on the GPU: seconds less per arm
+            encoder = ContinuousEncoder(get_encoder_spec(name))
+            arm = ContinuousArm(encoder, mllm, trainable_encoder=mode == "trainable")
+        arm.encoder.to(self.dtype)
+        arm.projector.to(self.dtype)
+        return arm
+
+    def _freeze(self) -> None:
+        super()._freeze()
+        if isinstance(self.model, ContinuousArm):
+            self.model.encoder.requires_grad_(self.model.trainable_encoder)
+
+    def _trim_metrics(self) -> None:
+        return None
+
+    def info(self, message: str) -> None:
+        if self.is_main:  # stdout carries the benchmark's JSON
+            print(f"[train] {message}", file=sys.stderr, flush=True)
+
+    def _to_device(self, batch: dict) -> dict:
+        if self.arm == "codes":
+            batch = {k: v for k, v in batch.items() if k not in ("images", "pixels")}
+        elif self.arm == "online_viq":
+            batch = {k: v for k, v in batch.items() if k != "pixels"}
         else:
-            model = mllm
-        tokenizer_model.requires_grad_(arm == "continuous_trainable")
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=True)
+            batch = {k: v for k, v in batch.items() if k not in ("images", "codes")}
+        return super()._to_device(batch)
 
-        def step():
-            if arm == "codes":
-                out = model(batch)
-                loss = out["loss_sum"]
-            elif arm == "online_viq":
-                with torch.no_grad():
-                    codes = tokenizer_model.encode_pixels(pixels)
-                b = dict(batch, codes=vocab.codes_to_ids(torch.cat([c.reshape(-1, SUBCODES) for c in codes]).to(device)))
-                loss = model(b)["loss_sum"]
-            else:
-                loss, _ = model(batch, pixels, frozen_encoder=arm == "continuous_frozen")
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    def encoder_flops(self, batch: dict) -> float:
+        """FLOPs the vision side adds to one step on this micro-batch (0 for cached codes)."""
+        n = len(batch["images"])
+        if self.arm == "codes":
+            return 0.0
+        if self.arm == "online_viq":
+            g = self.spec.image_size // self.viq_config.patch_size // self.viq_config.merge_size
+            return encode_flops(self.viq, [(g, g)] * n)
+        spec = self.model.encoder.spec
+        forward = encoder_forward_flops(spec, self.spec.image_size, n, self.llm.config.hidden_size)
+        return 3 * forward if self.model.trainable_encoder else forward  # backward ~ 2x forward
 
-        for _ in range(warmup):
-            step()
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        _sync(device)
-        seconds = (time.perf_counter() - t0) / steps
-        result["arms"][arm] = {"step_ms": seconds * 1e3, "tokens_per_s": result["real_tokens"] / seconds,
-                               "images_per_s": n_images / seconds}
-        del optimizer
-    arms_out = result["arms"]
-    if "codes" in arms_out:
-        for arm, entry in arms_out.items():
+
+def bench_config(spec: BenchSpec, arm: str, run_dir: str) -> TrainConfig:
+    s = spec.settings
+    cfg = TrainConfig()
+    cfg.model.llm, cfg.model.viq = spec.llm, spec.viq
+    cfg.model.attn_implementation = s.attn_implementation
+    cfg.model.gradient_checkpointing, cfg.model.checkpoint_fraction = s.gradient_checkpointing, s.checkpoint_fraction
+    cfg.model.loss_impl, cfg.model.compile_layers = s.loss_impl, s.compile_layers
+    cfg.vision.source = "online" if arm == "online_viq" else "codes"
+    cfg.data.max_seq_len, cfg.data.micro_batch_packs = spec.capacity, s.micro_batch_packs
+    cfg.optim.warmup_steps, cfg.optim.lr = 1, 1e-5
+    t = cfg.trainer
+    t.runs_dir, t.run_name, t.zero_stage = run_dir, arm, s.zero_stage
+    t.max_steps, t.tensorboard, t.progress, t.export = spec.steps + spec.warmup, False, False, False
+    return cfg.validate()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_arm(spec: BenchSpec, arm: str, run_dir: str) -> dict:
+    """Forward and full-step timings of one arm (a fresh trainer and engine, released afterwards)."""
+    trainer = BenchTrainer(bench_config(spec, arm, run_dir), spec, arm)
+    device, batches = trainer.device, trainer.bench_batches
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        trainer.engine.eval()
+        with torch.no_grad():
+            for i in range(spec.warmup + spec.steps):
+                if i == spec.warmup:
+                    _sync(device)
+                    t0 = time.perf_counter()
+                trainer.engine(trainer._to_device(batches[i % 2]))
+            _sync(device)
+        forward_s = (time.perf_counter() - t0) / spec.steps
+        step_metrics = []
+        for i in range(spec.warmup + spec.steps):
+            m = trainer.train_step([batches[i % 2]])
+            if i >= spec.warmup:
+                step_metrics.append(m)
+        step_s = sum(m["seconds"] for m in step_metrics) / spec.steps
+        tokens = step_metrics[0]["tokens"]  # all ranks; both micro-batches have the same length
+        samples = sum(m["samples"] for m in step_metrics) / spec.steps
+        llm_flops = sum(m["flops"] for m in step_metrics) / spec.steps
+        vision_flops = sum(trainer.encoder_flops(batches[i % 2]) for i in range(spec.warmup, spec.warmup + spec.steps)) / spec.steps
+        vision_flops *= trainer.world
+        entry = {
+            "forward_ms": forward_s * 1e3, "step_ms": step_s * 1e3,
+            "tokens_per_s": tokens / step_s, "samples_per_s": samples / step_s,
+            "loss": step_metrics[-1]["loss_sum"] / max(step_metrics[-1]["n_supervised"], 1),
+            "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        }
+        if device.type == "cuda":
+            entry["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if trainer.peak_flops:
+            entry["mfu"] = (llm_flops + vision_flops) / step_s / (trainer.peak_flops * trainer.world)
+            entry["llm_mfu"] = llm_flops / step_s / (trainer.peak_flops * trainer.world)
+        batch = batches[0]
+        shape = {"tokens_per_micro_batch": int(batch["input_ids"].numel()), "real_tokens": int(batch["n_real_tokens"]),
+                 "images": len(batch["images"]), "image_positions": int(batch["codes"].shape[0]),
+                 "attention": trainer.llm.config._attn_implementation, "device": _device_name(device),
+                 "dtype": str(trainer.dtype).replace("torch.", ""), "world_size": trainer.world}
+        return {"entry": entry, "shape": shape}
+    finally:
+        _release(trainer)
+
+
+def _release(trainer) -> None:
+    engine = getattr(trainer, "engine", None)
+    if engine is not None and hasattr(engine, "destroy"):
+        engine.destroy()
+    trainer.engine = trainer.model = trainer._viq = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def run_comparison(spec: BenchSpec, arms: list[str], log=print) -> dict:
+    """One (LLM, context, settings) point: every arm measured, speedups of cached codes over each."""
+    result = {"llm": spec.llm, "viq": spec.viq, "capacity": spec.capacity, "image_size": spec.image_size,
+              "text_tokens": list(spec.text_tokens), "steps": spec.steps, "warmup": spec.warmup,
+              "settings": dataclasses.asdict(spec.settings), "arms": {}, "errors": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-") as run_dir:
+        for arm in arms:
+            try:
+                measured = measure_arm(spec, arm, run_dir)
+            except Exception as e:  # noqa: BLE001 - one arm's failure (OOM, a compiler error) is reported, not fatal
+                _release_after_error()
+                result["errors"][arm] = _one_line(e)
+                log(f"[bench] {spec.llm} {spec.capacity} {arm}: {result['errors'][arm]}")
+                if not spec.settings.compile_layers:
+                    continue
+                eager = dataclasses.replace(spec, settings=dataclasses.replace(spec.settings, compile_layers=False))
+                try:  # a compiler failure should not cost the arm: measure it eager, and say so
+                    measured = measure_arm(eager, arm, run_dir)
+                except Exception as e2:  # noqa: BLE001
+                    _release_after_error()
+                    result["errors"][arm] += f"; eager: {_one_line(e2)}"
+                    continue
+                measured["entry"]["compile_layers"] = False
+                result["compile_errors"] = {**result.get("compile_errors", {}), arm: result["errors"].pop(arm)}
+            result["arms"][arm] = measured["entry"]
+            result.update(measured["shape"])
+            e = measured["entry"]
+            log(f"[bench] {spec.llm} {spec.capacity} {arm}: step {e['step_ms']:.1f} ms, forward {e['forward_ms']:.1f} ms, "
+                f"{e['tokens_per_s']:.0f} tok/s" + (f", MFU {e['mfu']:.3f}" if "mfu" in e else "")
+                + (f", peak {e['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in e else ""))
+    if "real_tokens" in result:
+        result["image_token_share"] = result["image_positions"] / result["real_tokens"]
+    codes = result["arms"].get("codes")
+    if codes:
+        for arm, e in result["arms"].items():
             if arm != "codes":
-                entry["codes_speedup"] = entry["step_ms"] / arms_out["codes"]["step_ms"]
-    peak = gpu_peak_flops(device)
-    if peak:
-        result["gpu_peak_bf16_flops"] = peak
+                e["codes_step_speedup"] = e["step_ms"] / codes["step_ms"]
+                e["codes_forward_speedup"] = e["forward_ms"] / codes["forward_ms"]
     return result
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def _one_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:500]
+
+
+def _release_after_error() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def spec_for(llm: str, capacity: int, *, viq: str, image_size: int, steps: int, warmup: int,
+             settings: StepSettings, text_tokens=(64, 192)) -> BenchSpec:
+    if image_size % 28:
+        raise ValueError(f"--image-size must be a multiple of 28 (patch 14 x merge 2); got {image_size}")
+    return BenchSpec(llm=llm, viq=viq, capacity=capacity, image_size=image_size, steps=steps, warmup=warmup,
+                     settings=settings, text_tokens=tuple(text_tokens))

@@ -8,6 +8,7 @@ model actually built (`CodeVocab.embedding_rows == llm.get_input_embeddings().nu
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -99,8 +100,10 @@ def build_llm(
     name = str(name_or_path)
     if name in LLM_PRESETS:
         config = preset_config(name, **config_overrides)
-        # Build directly in the target dtype: a 7B model in fp32 would need 30 GB of host memory first.
-        llm = Qwen2ForCausalLM._from_config(config, attn_implementation=attn, dtype=dtype)
+        # Build directly in the target dtype and on the target device: a 7B model in fp32 would need
+        # 30 GB of host memory first, and random init on a GPU takes a fraction of the CPU's time.
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            llm = Qwen2ForCausalLM._from_config(config, attn_implementation=attn, dtype=dtype)
     elif Path(name).is_dir():
         if not (Path(name) / "config.json").is_file():
             raise FileNotFoundError(f"{name}/config.json missing: not a Hugging Face checkpoint directory")

@@ -62,20 +62,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         self._viq = None
-        viq_cfg = self._viq_config()
-        self.tokenizer, self.vocab = build_tokenizer(cfg.model.llm, viq_cfg)
-        self.records, self.image_root, self.code_store = prepare_training_data(
-            cfg, viq_cfg, rank=self.rank, barrier=self._barrier, get_viq=lambda: self.viq, log=self.info
-        )
-        self.viq_config = viq_cfg
-        self._make_data()
-        _, plan = self.loader.plan_epoch()
-        self.info(
-            f"data: {len(self.dataset)} samples, {self.loader.steps_per_epoch // cfg.trainer.grad_accum} steps per epoch "
-            f"({self.capacity} tokens x {cfg.data.micro_batch_packs} packs x {cfg.trainer.grad_accum} accumulation x "
-            f"{self.world} ranks), packing efficiency {plan.efficiency:.3f}; longer than {self.capacity} tokens: "
-            f"{plan.n_truncated} truncated, {plan.n_dropped} dropped (data.overlong={cfg.data.overlong})"
-        )
+        self.viq_config = self._viq_config()
+        self.tokenizer, self.vocab = build_tokenizer(cfg.model.llm, self.viq_config)
+        self._setup_data()
         self.model = self._build_model()
         self._freeze()
         self.engine, self.ds_config, groups = initialize_engine(self.model, cfg, self.dtype == torch.bfloat16)
@@ -108,6 +97,21 @@ class Trainer:
         path.write_text("".join(line + "\n" for line in kept))
 
     # ---- construction ----------------------------------------------------------------------
+    def _setup_data(self) -> None:
+        """The training records (code cache prepared on rank 0), the dataset and the loader."""
+        cfg = self.cfg
+        self.records, self.image_root, self.code_store = prepare_training_data(
+            cfg, self.viq_config, rank=self.rank, barrier=self._barrier, get_viq=lambda: self.viq, log=self.info
+        )
+        self._make_data()
+        _, plan = self.loader.plan_epoch()
+        self.info(
+            f"data: {len(self.dataset)} samples, {self.loader.steps_per_epoch // cfg.trainer.grad_accum} steps per epoch "
+            f"({self.capacity} tokens x {cfg.data.micro_batch_packs} packs x {cfg.trainer.grad_accum} accumulation x "
+            f"{self.world} ranks), packing efficiency {plan.efficiency:.3f}; longer than {self.capacity} tokens: "
+            f"{plan.n_truncated} truncated, {plan.n_dropped} dropped (data.overlong={cfg.data.overlong})"
+        )
+
     def data_settings(self) -> tuple:
         """(resize policy, pack capacity) of the data now; progressive schedules override it."""
         return self.viq_config.resize_policy, self.cfg.data.max_seq_len
@@ -144,8 +148,11 @@ class Trainer:
     def viq(self) -> ViQModel:
         """The ViQ tokenizer, loaded on first use (codes-mode training never needs it on the GPU)."""
         if self._viq is None:
-            device = self.device if self.cfg.vision.source == "online" else "cpu"
-            self._viq = ViQModel.from_pretrained(self.cfg.model.viq, device=device)
+            online = self.cfg.vision.source == "online"
+            device = self.device if online else "cpu"
+            # Online encoding on a GPU runs in the training dtype, as extract_codes.py does (bf16 on CUDA).
+            dtype = self.dtype if online and self.device.type == "cuda" else None
+            self._viq = ViQModel.from_pretrained(self.cfg.model.viq, device=device, dtype=dtype)
             self._viq.requires_grad_(False)
         return self._viq
 

@@ -1,44 +1,178 @@
 #!/usr/bin/env python
-"""Training-step throughput of cached codes vs an encoder in the loop; prints JSON.
+"""Training throughput of cached ViQ codes vs encoders in the loop, through the real trainer.
 
-    python scripts/bench_throughput.py                                   # tiny + viq-tiny on CPU
-    python scripts/bench_throughput.py --llm qwen2.5-0.5b --viq viq-1.3b --capacity 4096 --image-size 448
+    python scripts/bench_throughput.py                      # tiny CPU mode without a GPU, the paper's grid with one
+    python scripts/bench_throughput.py --mode paper --llm qwen2.5-0.5b --capacity 4096 \\
+        --micro-batch-tokens 32768 --loss-impl fused --compile --sweep-levers --out-dir runs/bench
+    deepspeed --num_gpus 8 scripts/bench_throughput.py --mode paper ...   # per-rank packs, global tokens/s
+
+Arms: codes (cached), online_viq (frozen ViQ encoder in the step), and <encoder>_frozen /
+<encoder>_trainable for each continuous encoder (internvit-300m, siglip-so400m; random init,
+MLP projector). Writes bench_throughput.{json,md,png} to --out-dir and prints the JSON.
 """
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+MODES = {
+    "tiny": {"llm": "tiny", "capacity": "1024", "viq": "viq-tiny", "encoders": "internvit-tiny,siglip-tiny",
+             "image_size": 112, "steps": 2, "warmup": 1, "text_tokens": "16,48"},
+    "paper": {"llm": "qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-7b", "capacity": "4096,16384", "viq": "viq-1.3b",
+              "encoders": "internvit-300m,siglip-so400m", "image_size": 448, "steps": 5, "warmup": 2,
+              "text_tokens": "64,192"},
+}
 
-def main():
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--llm", default="tiny", help="LLM preset or local checkpoint")
-    ap.add_argument("--viq", default="viq-tiny", help="ViQ preset or directory (its ViT is the continuous encoder)")
-    ap.add_argument("--capacity", type=int, default=4096, help="packed sequence length")
-    ap.add_argument("--image-size", type=int, default=448, help="square image side in pixels (multiple of 28)")
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--arms", default="codes,online_viq,continuous_frozen,continuous_trainable")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"])
+    ap.add_argument("--mode", choices=sorted(MODES), default=None, help="defaults: tiny without CUDA, paper with it")
+    ap.add_argument("--llm", help="comma-separated LLM presets or local checkpoints")
+    ap.add_argument("--capacity", help="comma-separated packed context lengths")
+    ap.add_argument("--viq", help="ViQ preset or directory (the online_viq arm and the code layout)")
+    ap.add_argument("--encoders", help="comma-separated continuous encoders (mllm/encoders.py)")
+    ap.add_argument("--arms", default="", help="only these arms (default: all)")
+    ap.add_argument("--image-size", type=int, help="square image side in pixels (multiple of 28)")
+    ap.add_argument("--text-tokens", help="min,max text tokens per sample")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--warmup", type=int)
+    ap.add_argument("--micro-batch-tokens", type=int, default=0,
+                    help="packed tokens per micro-batch (packs = this // capacity); 0: one pack")
     ap.add_argument("--gradient-checkpointing", action="store_true")
-    ap.add_argument("--out", default=None, help="also write the JSON here")
-    args = ap.parse_args()
-    from mllm.bench import run_throughput_benchmark
+    ap.add_argument("--checkpoint-fraction", type=float, default=1.0)
+    ap.add_argument("--loss-impl", choices=["chunked", "fused"], default="chunked")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decoder layers")
+    ap.add_argument("--attn", default="auto", help="auto | sdpa | flex_attention | flash_attention_2")
+    ap.add_argument("--zero-stage", type=int, default=1)
+    ap.add_argument("--sweep-levers", action="store_true",
+                    help="also time cached codes from a naive step, adding this run's levers one at a time")
+    ap.add_argument("--out-dir", default=None, help="write bench_throughput.{json,md,png} here")
+    return ap.parse_args(argv)
 
+
+def lever_steps(final):
+    """(label, settings) from the naive step (1 pack, checkpointing, chunked CE, eager) to `final`."""
+    from dataclasses import replace
+
+    s = replace(final, micro_batch_packs=1, gradient_checkpointing=True, checkpoint_fraction=1.0,
+                loss_impl="chunked", compile_layers=False)
+    out = [("naive: 1 pack, full checkpointing, chunked CE, eager", s)]
+    if final.micro_batch_packs > 1:
+        s = replace(s, micro_batch_packs=final.micro_batch_packs)
+        out.append((f"+ {final.micro_batch_packs} packs per micro-batch", s))
+    if not final.gradient_checkpointing or final.checkpoint_fraction < 1.0:
+        s = replace(s, gradient_checkpointing=final.gradient_checkpointing, checkpoint_fraction=final.checkpoint_fraction)
+        out.append(("+ no checkpointing" if not final.gradient_checkpointing
+                    else f"+ checkpointing {final.checkpoint_fraction:.0%} of layers", s))
+    if final.loss_impl == "fused":
+        s = replace(s, loss_impl="fused")
+        out.append(("+ fused linear cross-entropy", s))
+    if final.compile_layers:
+        s = replace(s, compile_layers=True)
+        out.append(("+ compiled decoder layers", s))
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # Everything the libraries print goes to stderr; stdout carries only the JSON.
+    json_out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    import torch
+
+    from mllm.bench import StepSettings, arm_names, run_comparison, spec_for
+    from mllm.encoders import get_encoder_spec
+
+    mode = MODES[args.mode or ("paper" if torch.cuda.is_available() else "tiny")]
+    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else mode[name]  # noqa: E731
+    llms = [x for x in pick("llm").split(",") if x]
     try:
-        result = run_throughput_benchmark(
-            args.llm, args.viq, args.capacity, args.image_size, args.steps, args.warmup, args.device, args.dtype,
-            tuple(a for a in args.arms.split(",") if a), args.gradient_checkpointing,
-        )
+        capacities = [int(x) for x in str(pick("capacity")).split(",") if x]
+        text_tokens = tuple(int(x) for x in str(pick("text_tokens")).split(","))
+        encoders = [x for x in pick("encoders").split(",") if x]
+        for name in encoders:
+            get_encoder_spec(name)
+        valid = arm_names(encoders)
+        arms = [a for a in args.arms.split(",") if a] or valid
+        unknown = [a for a in arms if a not in valid]
+        if unknown:
+            raise ValueError(f"unknown arm(s) {unknown}; valid: {', '.join(valid)}")
+        if len(text_tokens) != 2 or not 0 < text_tokens[0] <= text_tokens[1]:
+            raise ValueError(f"--text-tokens must be min,max with 0 < min <= max; got {pick('text_tokens')}")
     except ValueError as e:
         sys.exit(f"bench_throughput: error: {e}")
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+
+    mode_name = args.mode or ("paper" if torch.cuda.is_available() else "tiny")
+    result = {"mode": mode_name, "device": None, "points": []}
+    sweep = []
+
+    def emit(final: bool) -> None:  # after every point, so that a cut-off run keeps what it measured
+        result["device"] = next((p["device"] for p in result["points"] + sweep if "device" in p), None)
+        if sweep:
+            result["lever_sweep"] = sweep
+        if _is_main() and args.out_dir:
+            write_outputs(result, Path(args.out_dir))
+        if _is_main() and final:
+            json_out.write(json.dumps(result, indent=2) + "\n")
+            json_out.flush()
+
+    for llm in llms:
+        for capacity in capacities:
+            settings = StepSettings(
+                micro_batch_packs=max(1, args.micro_batch_tokens // capacity), gradient_checkpointing=args.gradient_checkpointing,
+                checkpoint_fraction=args.checkpoint_fraction, loss_impl=args.loss_impl, compile_layers=args.compile,
+                attn_implementation=args.attn, zero_stage=args.zero_stage,
+            )
+            make = lambda s: spec_for(llm, capacity, viq=pick("viq"), image_size=pick("image_size"), steps=pick("steps"),  # noqa: E731
+                                      warmup=pick("warmup"), settings=s, text_tokens=text_tokens)
+            try:
+                spec = make(settings)
+            except ValueError as e:
+                sys.exit(f"bench_throughput: error: {e}")
+            if args.sweep_levers:
+                for label, lever_settings in lever_steps(settings)[:-1]:  # the last one is the comparison's codes arm
+                    point = run_comparison(make(lever_settings), ["codes"], log=_log)
+                    sweep.append({**point, "lever": label})
+                    emit(final=False)
+            point = run_comparison(spec, arms, log=_log)
+            result["points"].append(point)
+            if args.sweep_levers:
+                sweep.append({**point, "arms": {k: v for k, v in point["arms"].items() if k == "codes"},
+                              "errors": {k: v for k, v in point["errors"].items() if k == "codes"},
+                              "lever": lever_steps(settings)[-1][0]})
+            emit(final=False)
+    emit(final=True)
+    failed = [f"{p['llm']} {p['capacity']} {arm}" for p in result["points"] for arm in p["errors"]]
+    if failed:
+        print(f"bench_throughput: {len(failed)} arm(s) failed: {', '.join(failed)}", file=sys.stderr)
+
+
+def write_outputs(result: dict, out_dir: Path) -> None:
+    from mllm.bench_report import comparison_table, lever_table, plot_comparison
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = [f"# Throughput: cached codes vs encoders in the loop ({result['device']})\n", comparison_table(result["points"])]
+    if result.get("lever_sweep"):
+        md += ["\n## Cached-code step, levers added one at a time\n", lever_table(result["lever_sweep"])]
+    (out_dir / "bench_throughput.md").write_text("\n".join(md))
+    if any(p["arms"] for p in result["points"]):
+        plot_comparison(result["points"], out_dir / "bench_throughput.png")
+
+
+def _is_main() -> bool:
+    import torch
+
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _log(message: str) -> None:
+    if _is_main():
+        print(message, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

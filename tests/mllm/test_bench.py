@@ -1,26 +1,88 @@
+"""The throughput benchmark: the tiny CPU mode end to end, the continuous encoders' shapes and FLOPs."""
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from mllm.encoders import CONTINUOUS_ENCODERS, ContinuousEncoder, encoder_forward_flops, merge_patches, mlp_projector
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_bench_throughput_reports_every_arm():
-    proc = subprocess.run(
-        [sys.executable, "scripts/bench_throughput.py", "--capacity", "512", "--image-size", "112", "--steps", "1",
-         "--warmup", "0"], cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout)
-    assert set(result["arms"]) == {"codes", "online_viq", "continuous_frozen", "continuous_trainable"}
-    assert result["images_per_pack"] >= 1 and result["image_tokens"] == 16 * result["images_per_pack"]
-    for arm, entry in result["arms"].items():
-        assert entry["step_ms"] > 0 and entry["tokens_per_s"] > 0
-        assert ("codes_speedup" in entry) == (arm != "codes")
+def run_bench(*args, timeout=600):
+    return subprocess.run([sys.executable, "scripts/bench_throughput.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
 
 
-def test_bench_throughput_rejects_unknown_arm():
-    proc = subprocess.run([sys.executable, "scripts/bench_throughput.py", "--arms", "codes,pixels"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "unknown arm(s) ['pixels']; valid: codes, online_viq" in proc.stderr
+def test_tiny_mode_reports_every_arm_and_the_lever_sweep(tmp_path):
+    proc = run_bench("--mode", "tiny", "--steps", "1", "--warmup", "1", "--micro-batch-tokens", "2048",
+                     "--loss-impl", "fused", "--sweep-levers", "--out-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "bench_throughput.json").read_text())
+    assert result == json.loads(proc.stdout) and result["device"] == "cpu"
+    (point,) = result["points"]
+    assert point["errors"] == {}
+    assert list(point["arms"]) == ["codes", "online_viq", "internvit-tiny_frozen", "internvit-tiny_trainable",
+                                   "siglip-tiny_frozen", "siglip-tiny_trainable"]
+    # two 1024-token packs per micro-batch, 112 px images = 4 x 4 image positions each
+    assert point["tokens_per_micro_batch"] == 2048 and point["image_positions"] == 16 * point["images"]
+    assert 0.2 < point["image_token_share"] < 0.8
+    assert point["settings"]["micro_batch_packs"] == 2 and point["settings"]["loss_impl"] == "fused"
+    for arm, e in point["arms"].items():
+        assert e["step_ms"] > 0 and e["forward_ms"] > 0 and e["tokens_per_s"] > 0 and e["samples_per_s"] > 0
+        assert e["loss"] == pytest.approx(e["loss"]) and 5 < e["loss"] < 20  # finite, about ln(216k) at random init
+        assert ("codes_step_speedup" in e) == (arm != "codes")
+        if arm != "codes":
+            assert e["codes_step_speedup"] == pytest.approx(e["step_ms"] / point["arms"]["codes"]["step_ms"])
+    trainable = {arm: e["trainable_params"] for arm, e in point["arms"].items()}
+    assert trainable["codes"] == trainable["online_viq"]  # the ViQ encoder is frozen
+    assert trainable["internvit-tiny_trainable"] > trainable["internvit-tiny_frozen"] > trainable["codes"]  # + projector
+    labels = [p["lever"] for p in result["lever_sweep"]]
+    assert labels == ["naive: 1 pack, full checkpointing, chunked CE, eager", "+ 2 packs per micro-batch",
+                      "+ no checkpointing", "+ fused linear cross-entropy"]
+    assert result["lever_sweep"][-1]["arms"]["codes"] == point["arms"]["codes"]
+    md = (tmp_path / "bench_throughput.md").read_text()
+    assert "| TINY 1k | siglip-tiny_trainable |" in md and "+ fused linear cross-entropy" in md
+    assert (tmp_path / "bench_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rejects_unknown_arm_and_encoder():
+    proc = run_bench("--mode", "tiny", "--arms", "codes,pixels")
+    assert proc.returncode != 0
+    assert "unknown arm(s) ['pixels']; valid: codes, online_viq, internvit-tiny_frozen" in proc.stderr
+    proc = run_bench("--mode", "tiny", "--encoders", "clip-l")
+    assert proc.returncode != 0 and "unknown continuous encoder 'clip-l'; valid: internvit-300m" in proc.stderr
+
+
+def test_merge_patches_follows_the_image_pad_layout():
+    grid, d = 4, 1
+    patches = torch.arange(grid * grid, dtype=torch.float32).view(1, grid * grid, d)  # value = row * 4 + col
+    merged = merge_patches(patches, grid, 2)
+    assert merged.tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+
+
+@pytest.mark.parametrize("name", ["internvit-tiny", "siglip-tiny"])
+def test_encoder_shapes_and_flops_match_a_flop_counter(name):
+    spec = CONTINUOUS_ENCODERS[name]
+    encoder, projector = ContinuousEncoder(spec), mlp_projector(ContinuousEncoder(spec).out_dim, 32)
+    pixels = torch.randn(3, 3, 140, 140)  # not the native 112 px: position embeddings are resized
+    # the math backend runs attention as matmuls, which the counter sees on CPU
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        out = projector(encoder(pixels))
+    assert out.shape == (3 * encoder.tokens_per_image(140), 32) and encoder.tokens_per_image(140) == 25
+    assert counter.get_total_flops() == encoder_forward_flops(spec, 140, 3, 32)
+    with pytest.raises(ValueError, match="divisible by 28"):
+        encoder(torch.randn(1, 3, 130, 130))
+
+
+def test_paper_encoder_shapes():
+    """The published widths/depths (parameter counts of the released towers, without their heads)."""
+    counts = {name: sum(p.numel() for p in ContinuousEncoder(CONTINUOUS_ENCODERS[name]).parameters())
+              for name in ("internvit-300m", "siglip-so400m")}
+    assert 300e6 < counts["internvit-300m"] < 310e6
+    assert 410e6 < counts["siglip-so400m"] < 420e6
