@@ -273,8 +273,11 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def run_comparison(spec: BenchSpec, arms: list[str], log=print) -> dict:
-    """One (LLM, context, settings) point: every arm measured, speedups of cached codes over each."""
+def run_comparison(spec: BenchSpec, arms: list[str], log=print, on_arm=None) -> dict:
+    """One (LLM, context, settings) point: every arm measured, speedups of cached codes over each.
+
+    `on_arm(result)` runs after each arm with the point so far (a cut-off run keeps what it measured).
+    """
     result = {"llm": spec.llm, "viq": spec.viq, "capacity": spec.capacity, "image_size": spec.image_size,
               "text_tokens": list(spec.text_tokens), "steps": spec.steps, "warmup": spec.warmup,
               "settings": dataclasses.asdict(spec.settings), "arms": {}, "errors": {}}
@@ -299,10 +302,18 @@ def run_comparison(spec: BenchSpec, arms: list[str], log=print) -> dict:
                 result["compile_errors"] = {**result.get("compile_errors", {}), arm: result["errors"].pop(arm)}
             result["arms"][arm] = measured["entry"]
             result.update(measured["shape"])
+            _add_speedups(result)
+            if on_arm is not None:
+                on_arm(result)
             e = measured["entry"]
             log(f"[bench] {spec.llm} {spec.capacity} {arm}: step {e['step_ms']:.1f} ms, forward {e['forward_ms']:.1f} ms, "
                 f"{e['tokens_per_s']:.0f} tok/s" + (f", MFU {e['mfu']:.3f}" if "mfu" in e else "")
                 + (f", peak {e['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in e else ""))
+    _add_speedups(result)
+    return result
+
+
+def _add_speedups(result: dict) -> None:
     if "real_tokens" in result:
         result["image_token_share"] = result["image_positions"] / result["real_tokens"]
     codes = result["arms"].get("codes")
@@ -311,7 +322,6 @@ def run_comparison(spec: BenchSpec, arms: list[str], log=print) -> dict:
             if arm != "codes":
                 e["codes_step_speedup"] = e["step_ms"] / codes["step_ms"]
                 e["codes_forward_speedup"] = e["forward_ms"] / codes["forward_ms"]
-    return result
 
 
 def _one_line(e: Exception) -> str:

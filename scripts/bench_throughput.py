@@ -50,6 +50,7 @@ def parse_args(argv=None):
     ap.add_argument("--sweep-levers", action="store_true",
                     help="also time cached codes from a naive step, adding this run's levers one at a time")
     ap.add_argument("--out-dir", default=None, help="write bench_throughput.{json,md,png} here")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     return ap.parse_args(argv)
 
 
@@ -110,14 +111,16 @@ def main(argv=None):
     result = {"mode": mode_name, "device": None, "points": []}
     sweep = []
 
-    def emit(final: bool) -> None:  # after every point, so that a cut-off run keeps what it measured
-        result["device"] = next((p["device"] for p in result["points"] + sweep if "device" in p), None)
+    def emit(final: bool) -> None:  # after every arm, so that a cut-off run keeps what it measured
+        points = [p for p in result["points"] if p]
+        result["device"] = next((p["device"] for p in points + sweep if "device" in p), None)
         if sweep:
             result["lever_sweep"] = sweep
+        out = dict(result, points=points)
         if _is_main() and args.out_dir:
-            write_outputs(result, Path(args.out_dir))
+            write_outputs(out, Path(args.out_dir))
         if _is_main() and final:
-            json_out.write(json.dumps(result, indent=2) + "\n")
+            json_out.write(json.dumps(out, indent=2) + "\n")
             json_out.flush()
 
     for llm in llms:
@@ -138,8 +141,14 @@ def main(argv=None):
                     point = run_comparison(make(lever_settings), ["codes"], log=_log)
                     sweep.append({**point, "lever": label})
                     emit(final=False)
-            point = run_comparison(spec, arms, log=_log)
-            result["points"].append(point)
+            result["points"].append({})
+
+            def update(partial):
+                result["points"][-1] = partial
+                emit(final=False)
+
+            point = run_comparison(spec, arms, log=_log, on_arm=update)
+            result["points"][-1] = point
             if args.sweep_levers:
                 sweep.append({**point, "arms": {k: v for k, v in point["arms"].items() if k == "codes"},
                               "errors": {k: v for k, v in point["errors"].items() if k == "codes"},
@@ -161,7 +170,10 @@ def write_outputs(result: dict, out_dir: Path) -> None:
         md += ["\n## Cached-code step, levers added one at a time\n", lever_table(result["lever_sweep"])]
     (out_dir / "bench_throughput.md").write_text("\n".join(md))
     if any(p["arms"] for p in result["points"]):
-        plot_comparison(result["points"], out_dir / "bench_throughput.png")
+        try:
+            plot_comparison(result["points"], out_dir / "bench_throughput.png")
+        except ImportError:
+            print("bench_throughput: matplotlib is not installed, so no PNG (pip install -e .[bench])", file=sys.stderr)
 
 
 def _is_main() -> bool:

@@ -1,5 +1,6 @@
 """The throughput benchmark: the tiny CPU mode end to end, the continuous encoders' shapes and FLOPs."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,19 @@ def test_paper_encoder_shapes():
               for name in ("internvit-300m", "siglip-so400m")}
     assert 300e6 < counts["internvit-300m"] < 310e6
     assert 410e6 < counts["siglip-so400m"] < 420e6
+
+
+def test_bench_under_the_deepspeed_launcher_counts_every_rank(tmp_path):
+    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
+    port = str(29500 + (os.getpid() + 500) % 1000)
+    proc = subprocess.run(
+        [deepspeed, "--num_gpus", "2", "--master_port", port, "scripts/bench_throughput.py", "--mode", "tiny",
+         "--steps", "1", "--warmup", "1", "--arms", "codes,siglip-tiny_trainable", "--out-dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (point,) = json.loads((tmp_path / "bench_throughput.json").read_text())["points"]
+    assert point["world_size"] == 2 and point["errors"] == {}
+    for e in point["arms"].values():  # tokens of both ranks' packs over one step's time
+        assert e["tokens_per_s"] == pytest.approx(2 * point["real_tokens"] / (e["step_ms"] / 1e3), rel=0.25)
