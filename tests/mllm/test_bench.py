@@ -103,3 +103,12 @@ def test_bench_under_the_deepspeed_launcher_counts_every_rank(tmp_path):
     assert point["world_size"] == 2 and point["errors"] == {}
     for e in point["arms"].values():  # tokens of both ranks' packs over one step's time
         assert e["tokens_per_s"] == pytest.approx(2 * point["real_tokens"] / (e["step_ms"] / 1e3), rel=0.25)
+
+
+def test_profile_step_prints_the_phase_split():
+    proc = subprocess.run([sys.executable, "scripts/profile_step.py", "--warmup", "1", "--rows", "3", "--image-size", "112"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for phase in ("forward", "backward", "optimizer step", "train_step"):
+        assert f"  {phase}" in proc.stdout
+    assert "tiny at 1024 x 1 packs" in proc.stdout and "Self CPU time total" in proc.stdout
