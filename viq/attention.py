@@ -44,21 +44,53 @@ def sdpa_varlen(q, k, v, cu_q, cu_k):
 
 
 _flex_compiled = None
+FLEX_BLOCK = 128  # FlexAttention's default block size
 
 
-def flex_varlen(q, k, v, cu_q, cu_k):
-    global _flex_compiled
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def _block_ranges(seg: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per block of `block` tokens: first segment, last segment, and whether the block is complete."""
+    n = seg.shape[0]
+    starts = torch.arange(0, n, block, device=seg.device)
+    ends = (starts + block - 1).clamp(max=n - 1)
+    return seg[starts], seg[ends], (starts + block) <= n
 
-    if _flex_compiled is None:
-        _flex_compiled = torch.compile(flex_attention, dynamic=True)
-    seg_q = _segment_ids(cu_q, q.shape[0])
-    seg_k = _segment_ids(cu_k, k.shape[0])
+
+def document_block_mask(cu_q: torch.Tensor, cu_k: torch.Tensor, q_len: int, k_len: int, block: int = FLEX_BLOCK):
+    """The FlexAttention BlockMask of "query segment i attends to key segment i", built from the
+    segment boundaries alone. `create_block_mask` would first materialise the dense [Tq, Tk] mask
+    (79k tokens of 77 images: 6 GB); here only the [Tq/128, Tk/128] block grid is ever built.
+    Segments are contiguous and ascending, so two blocks interact iff their segment ranges
+    overlap, and a complete pair of blocks inside one segment is fully unmasked."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    seg_q, seg_k = _segment_ids(cu_q, q_len), _segment_ids(cu_k, k_len)
+    q_first, q_last, q_whole = _block_ranges(seg_q, block)
+    k_first, k_last, k_whole = _block_ranges(seg_k, block)
+    touch = (q_first[:, None] <= k_last[None, :]) & (k_first[None, :] <= q_last[:, None])
+    full = (q_first == q_last)[:, None] & (k_first == k_last)[None, :] & (q_first[:, None] == k_first[None, :])
+    full &= q_whole[:, None] & k_whole[None, :]
+    partial = touch & ~full
+
+    def listed(blocks):  # [nq, nk] bool -> counts [1, 1, nq] and indices [1, 1, nq, nk], listed blocks first
+        order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return blocks.sum(-1, dtype=torch.int32)[None, None], order[None, None]
 
     def same_segment(b, h, qi, ki):
         return seg_q[qi] == seg_k[ki]
 
-    block_mask = create_block_mask(same_segment, None, None, q.shape[0], k.shape[0], device=q.device)
+    kv_num, kv_idx = listed(partial)
+    full_num, full_idx = listed(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=same_segment,
+                                    seq_lengths=(q_len, k_len))
+
+
+def flex_varlen(q, k, v, cu_q, cu_k):
+    global _flex_compiled
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=True)
+    block_mask = document_block_mask(cu_q, cu_k, q.shape[0], k.shape[0])
     out = _flex_compiled(
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=block_mask
     )
