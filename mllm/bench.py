@@ -45,6 +45,7 @@ class StepSettings:
     """The training-step settings under test (the levers of docs/benchmarks.md)."""
 
     micro_batch_packs: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step (amortises the optimizer step)
     gradient_checkpointing: bool = False
     checkpoint_fraction: float = 1.0
     loss_impl: str = "chunked"
@@ -199,6 +200,7 @@ def bench_config(spec: BenchSpec, arm: str, run_dir: str) -> TrainConfig:
     cfg.model.loss_impl, cfg.model.compile_layers = s.loss_impl, s.compile_layers
     cfg.vision.source = "online" if arm == "online_viq" else "codes"
     cfg.data.max_seq_len, cfg.data.micro_batch_packs = spec.capacity, s.micro_batch_packs
+    cfg.trainer.grad_accum = s.grad_accum
     cfg.optim.warmup_steps, cfg.optim.lr = 1, 1e-5
     t = cfg.trainer
     t.runs_dir, t.run_name, t.zero_stage = run_dir, arm, s.zero_stage
@@ -227,17 +229,16 @@ def measure_arm(spec: BenchSpec, arm: str, run_dir: str) -> dict:
                 trainer.engine(trainer._to_device(batches[i % 2]))
             _sync(device)
         forward_s = (time.perf_counter() - t0) / spec.steps
-        step_metrics = []
+        step_metrics, k = [], spec.settings.grad_accum
         for i in range(spec.warmup + spec.steps):
-            m = trainer.train_step([batches[i % 2]])
+            micro = [batches[(i * k + j) % 2] for j in range(k)]
+            m = trainer.train_step(micro)
+            m["vision_flops"] = sum(trainer.encoder_flops(b) for b in micro) * trainer.world
             if i >= spec.warmup:
                 step_metrics.append(m)
         step_s = sum(m["seconds"] for m in step_metrics) / spec.steps
-        tokens = step_metrics[0]["tokens"]  # all ranks; both micro-batches have the same length
-        samples = sum(m["samples"] for m in step_metrics) / spec.steps
-        llm_flops = sum(m["flops"] for m in step_metrics) / spec.steps
-        vision_flops = sum(trainer.encoder_flops(batches[i % 2]) for i in range(spec.warmup, spec.warmup + spec.steps)) / spec.steps
-        vision_flops *= trainer.world
+        mean = lambda key: sum(m[key] for m in step_metrics) / spec.steps  # noqa: E731 - all ranks, per step
+        tokens, samples, llm_flops, vision_flops = mean("tokens"), mean("samples"), mean("flops"), mean("vision_flops")
         entry = {
             "forward_ms": forward_s * 1e3, "step_ms": step_s * 1e3,
             "tokens_per_s": tokens / step_s, "samples_per_s": samples / step_s,

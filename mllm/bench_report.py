@@ -16,7 +16,7 @@ def _fmt(value, spec: str) -> str:
 def comparison_table(points: list[dict]) -> str:
     """One row per (LLM, context, arm): the timings and how much slower the arm is than cached codes."""
     lines = [
-        "| LLM, context | arm | forward ms | step ms | tokens/s | samples/s | peak GiB | MFU | codes speed-up (forward / step) |",
+        "| LLM, context | arm | forward ms (micro-batch) | step ms (optimizer step) | tokens/s | samples/s | peak GiB | MFU | codes speed-up (forward / step) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for point in points:
@@ -73,7 +73,7 @@ def plot_comparison(points: list[dict], path: str | Path) -> Path:
                     ax.annotate(f"{y / codes[key] - 1:+.0%}", (x, y), ha="center", va="bottom", fontsize=6, rotation=90)
             del bars
         ax.set_xticks(range(len(points)), [_point_label(p) for p in points])
-        ax.set_ylabel("ms per micro-batch")
+        ax.set_ylabel("ms per micro-batch" if key == "forward_ms" else "ms per optimizer step")
         ax.set_title(title)
     axes[1].legend(fontsize=7)
     device = points[0].get("device", "") if points else ""

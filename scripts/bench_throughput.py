@@ -41,6 +41,8 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int)
     ap.add_argument("--micro-batch-tokens", type=int, default=0,
                     help="packed tokens per micro-batch (packs = this // capacity); 0: one pack")
+    ap.add_argument("--grad-accum", type=int, default=1,
+                    help="micro-batches per optimizer step (step times and tokens/s are per optimizer step)")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--checkpoint-fraction", type=float, default=1.0)
     ap.add_argument("--loss-impl", choices=["chunked", "fused"], default="chunked")
@@ -58,12 +60,15 @@ def lever_steps(final):
     """(label, settings) from the naive step (1 pack, checkpointing, chunked CE, eager) to `final`."""
     from dataclasses import replace
 
-    s = replace(final, micro_batch_packs=1, gradient_checkpointing=True, checkpoint_fraction=1.0,
+    s = replace(final, micro_batch_packs=1, grad_accum=1, gradient_checkpointing=True, checkpoint_fraction=1.0,
                 loss_impl="chunked", compile_layers=False)
     out = [("naive: 1 pack, full checkpointing, chunked CE, eager", s)]
     if final.micro_batch_packs > 1:
         s = replace(s, micro_batch_packs=final.micro_batch_packs)
         out.append((f"+ {final.micro_batch_packs} packs per micro-batch", s))
+    if final.grad_accum > 1:
+        s = replace(s, grad_accum=final.grad_accum)
+        out.append((f"+ {final.grad_accum} micro-batches per optimizer step", s))
     if not final.gradient_checkpointing or final.checkpoint_fraction < 1.0:
         s = replace(s, gradient_checkpointing=final.gradient_checkpointing, checkpoint_fraction=final.checkpoint_fraction)
         out.append(("+ no checkpointing" if not final.gradient_checkpointing
@@ -102,6 +107,11 @@ def main(argv=None):
         unknown = [a for a in arms if a not in valid]
         if unknown:
             raise ValueError(f"unknown arm(s) {unknown}; valid: {', '.join(valid)}")
+        if args.grad_accum < 1:
+            raise ValueError(f"--grad-accum must be >= 1; got {args.grad_accum}")
+        if (args.mode or ("paper" if torch.cuda.is_available() else "tiny")) == "paper" and not torch.cuda.is_available() \
+                and args.llm is None:
+            raise ValueError("--mode paper builds 0.5B-7B LLMs and needs a GPU; on CPU use --mode tiny or name --llm")
         if len(text_tokens) != 2 or not 0 < text_tokens[0] <= text_tokens[1]:
             raise ValueError(f"--text-tokens must be min,max with 0 < min <= max; got {pick('text_tokens')}")
     except ValueError as e:
@@ -126,7 +136,8 @@ def main(argv=None):
     for llm in llms:
         for capacity in capacities:
             settings = StepSettings(
-                micro_batch_packs=max(1, args.micro_batch_tokens // capacity), gradient_checkpointing=args.gradient_checkpointing,
+                micro_batch_packs=max(1, args.micro_batch_tokens // capacity), grad_accum=args.grad_accum,
+                gradient_checkpointing=args.gradient_checkpointing,
                 checkpoint_fraction=args.checkpoint_fraction, loss_impl=args.loss_impl, compile_layers=args.compile,
                 attn_implementation=args.attn, zero_stage=args.zero_stage,
             )

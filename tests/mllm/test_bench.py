@@ -52,12 +52,29 @@ def test_tiny_mode_reports_every_arm_and_the_lever_sweep(tmp_path):
     assert (tmp_path / "bench_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_gradient_accumulation_times_whole_optimizer_steps(tmp_path):
+    proc = run_bench("--mode", "tiny", "--arms", "codes", "--grad-accum", "2", "--steps", "1", "--warmup", "1",
+                     "--sweep-levers", "--out-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "bench_throughput.json").read_text())
+    (point,) = result["points"]
+    e = point["arms"]["codes"]
+    assert point["settings"]["grad_accum"] == 2
+    # one step = the two different micro-batches: about twice one pack's real tokens
+    assert e["tokens_per_s"] * e["step_ms"] / 1e3 == pytest.approx(2 * point["real_tokens"], rel=0.2)
+    assert [p["lever"] for p in result["lever_sweep"]] == [
+        "naive: 1 pack, full checkpointing, chunked CE, eager", "+ 2 micro-batches per optimizer step", "+ no checkpointing"]
+
+
 def test_bench_rejects_unknown_arm_and_encoder():
     proc = run_bench("--mode", "tiny", "--arms", "codes,pixels")
     assert proc.returncode != 0
     assert "unknown arm(s) ['pixels']; valid: codes, online_viq, internvit-tiny_frozen" in proc.stderr
     proc = run_bench("--mode", "tiny", "--encoders", "clip-l")
     assert proc.returncode != 0 and "unknown continuous encoder 'clip-l'; valid: internvit-300m" in proc.stderr
+    if not torch.cuda.is_available():
+        proc = run_bench("--mode", "paper")
+        assert proc.returncode != 0 and "--mode paper builds 0.5B-7B LLMs and needs a GPU" in proc.stderr
 
 
 def test_merge_patches_follows_the_image_pad_layout():
