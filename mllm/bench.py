@@ -31,7 +31,7 @@ from data.vocab import SUBCODES
 from mllm.config import TrainConfig
 from mllm.encoders import ContinuousEncoder, encoder_forward_flops, get_encoder_spec, mlp_projector
 from mllm.trainer import Trainer
-from viq.bench import encode_flops
+from viq.bench import encode_flops, sync
 
 BASE_ARMS = ("codes", "online_viq")
 
@@ -208,11 +208,6 @@ def bench_config(spec: BenchSpec, arm: str, run_dir: str) -> TrainConfig:
     return cfg.validate()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_arm(spec: BenchSpec, arm: str, run_dir: str) -> dict:
     """Forward and full-step timings of one arm (a fresh trainer and engine, released afterwards)."""
     trainer = BenchTrainer(bench_config(spec, arm, run_dir), spec, arm)
@@ -224,10 +219,10 @@ def measure_arm(spec: BenchSpec, arm: str, run_dir: str) -> dict:
         with torch.no_grad():
             for i in range(spec.warmup + spec.steps):
                 if i == spec.warmup:
-                    _sync(device)
+                    sync(device)
                     t0 = time.perf_counter()
                 trainer.engine(trainer._to_device(batches[i % 2]))
-            _sync(device)
+            sync(device)
         forward_s = (time.perf_counter() - t0) / spec.steps
         step_metrics, k = [], spec.settings.grad_accum
         for i in range(spec.warmup + spec.steps):
@@ -265,9 +260,7 @@ def _release(trainer) -> None:
     if engine is not None and hasattr(engine, "destroy"):
         engine.destroy()
     trainer.engine = trainer.model = trainer._viq = None
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    _free_memory()
 
 
 def _device_name(device: torch.device) -> str:
@@ -287,7 +280,7 @@ def run_comparison(spec: BenchSpec, arms: list[str], log=print, on_arm=None) -> 
             try:
                 measured = measure_arm(spec, arm, run_dir)
             except Exception as e:  # noqa: BLE001 - one arm's failure (OOM, a compiler error) is reported, not fatal
-                _release_after_error()
+                _free_memory()
                 result["errors"][arm] = _one_line(e)
                 log(f"[bench] {spec.llm} {spec.capacity} {arm}: {result['errors'][arm]}")
                 if not spec.settings.compile_layers:
@@ -296,7 +289,7 @@ def run_comparison(spec: BenchSpec, arms: list[str], log=print, on_arm=None) -> 
                 try:  # a compiler failure should not cost the arm: measure it eager, and say so
                     measured = measure_arm(eager, arm, run_dir)
                 except Exception as e2:  # noqa: BLE001
-                    _release_after_error()
+                    _free_memory()
                     result["errors"][arm] += f"; eager: {_one_line(e2)}"
                     continue
                 measured["entry"]["compile_layers"] = False
@@ -330,7 +323,7 @@ def _one_line(e: Exception) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:500]
 
 
-def _release_after_error() -> None:
+def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -169,6 +169,7 @@ def main(argv=None):
     failed = [f"{p['llm']} {p['capacity']} {arm}" for p in result["points"] for arm in p["errors"]]
     if failed:
         print(f"bench_throughput: {len(failed)} arm(s) failed: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)  # the JSON still holds every arm that ran, and each failure's one-line reason
 
 
 def write_outputs(result: dict, out_dir: Path) -> None:

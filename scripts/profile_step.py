@@ -32,6 +32,13 @@ def main():
     ap.add_argument("--rows", type=int, default=25, help="operators to list")
     ap.add_argument("--trace", default=None, help="write a Chrome trace here")
     args = ap.parse_args()
+    try:
+        profile_step(args)
+    except (ValueError, FileNotFoundError) as e:  # an unknown preset or path, a bad size: one line
+        sys.exit(f"profile_step: error: {str(e).strip().splitlines()[0]}")
+
+
+def profile_step(args):
     import torch
     from torch.profiler import ProfilerActivity, profile
 

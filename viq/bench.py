@@ -36,19 +36,20 @@ def encode_flops(model: ViQModel, grids: list[tuple[int, int]]) -> float:
     return total
 
 
-def _sync(device):
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (timing boundaries); a no-op on CPU."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def _measure(model, pixels, repeats):
     device = model.device
     model.encode_pixels(pixels)  # warm-up (compilation, allocator)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(repeats):
         codes = model.encode_pixels(pixels)
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - t0) / repeats, codes
 
 

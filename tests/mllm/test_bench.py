@@ -72,6 +72,9 @@ def test_bench_rejects_unknown_arm_and_encoder():
     assert "unknown arm(s) ['pixels']; valid: codes, online_viq, internvit-tiny_frozen" in proc.stderr
     proc = run_bench("--mode", "tiny", "--encoders", "clip-l")
     assert proc.returncode != 0 and "unknown continuous encoder 'clip-l'; valid: internvit-300m" in proc.stderr
+    proc = run_bench("--mode", "tiny", "--llm", "nope", "--arms", "codes")
+    assert proc.returncode == 1 and "[bench] nope 1024 codes: FileNotFoundError: 'nope' is neither" in proc.stderr
+    assert "bench_throughput: 1 arm(s) failed: nope 1024 codes" in proc.stderr
     if not torch.cuda.is_available():
         proc = run_bench("--mode", "paper")
         assert proc.returncode != 0 and "--mode paper builds 0.5B-7B LLMs and needs a GPU" in proc.stderr
@@ -129,3 +132,6 @@ def test_profile_step_prints_the_phase_split():
     for phase in ("forward", "backward", "optimizer step", "train_step"):
         assert f"  {phase}" in proc.stdout
     assert "tiny at 1024 x 1 packs" in proc.stdout and "Self CPU time total" in proc.stdout
+    bad = subprocess.run([sys.executable, "scripts/profile_step.py", "--llm", "nope"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("profile_step: error: 'nope' is neither")
