@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the key and what would be right."""
+from viq.errors import ConfigError  # noqa: F401 - re-exported: the name callers import from here
 
 
 def _field_types(cls) -> dict[str, Any]:

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from viq.errors import ImageInputError  # noqa: F401 - re-exported: the name callers import from here
+
 # Decompression bombs are caught by our own max_pixels policy with a clear message.
 Image.MAX_IMAGE_PIXELS = None
 
@@ -28,8 +30,6 @@ IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_ASPECT_RATIO = 200
 
 
-class ImageInputError(ValueError):
-    """An image could not be used; the message names the input."""
 
 
 @dataclass(frozen=True)
