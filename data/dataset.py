@@ -25,6 +25,8 @@ from data.vocab import SUBCODES, CodeVocab
 from viq.image import ImageInputError, ResizePolicy, preprocess, token_grid
 
 _EXIF_SWAPS_SIDES = {5, 6, 7, 8}
+# Where the image positions' codes come from: the code cache, or the ViQ encoder in the loop.
+VISION_SOURCES = ("codes", "online")
 
 
 def image_key(ref, record_id: str, k: int, image_root: str | os.PathLike | None) -> str:
@@ -72,8 +74,8 @@ class ConversationDataset:
         resize_policy: ResizePolicy | None = None,
         system: str | None = None,
     ):
-        if source not in ("codes", "online"):
-            raise ValueError(f"source must be 'codes' or 'online', got '{source}'")
+        if source not in VISION_SOURCES:
+            raise ValueError(f"source must be one of {', '.join(VISION_SOURCES)}, got '{source}'")
         if source == "codes" and code_store is None:
             raise ValueError("source 'codes' needs a code store (data.shards.CodeStore)")
         if source == "online" and resize_policy is None:

@@ -15,7 +15,17 @@ from pathlib import Path
 
 import yaml
 
+from data.dataset import VISION_SOURCES
+from data.packing import OVERLONG_POLICIES
+from mllm.attention import ATTENTION_BACKENDS
+from mllm.loss import LOSS_IMPLEMENTATIONS
+from mllm.vocab_tables import EMBEDDING_INITS
 from viq.config import ConfigError, apply_overrides, from_dict
+from viq.io import atomic_write
+
+DTYPES = ("auto", "fp32", "bf16")
+NONFINITE_POLICIES = ("stop", "skip")
+ZERO_STAGES = (0, 1, 2, 3)
 
 
 @dataclass
@@ -102,22 +112,20 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         choices = {
-            "vision.source": (self.vision.source, ("codes", "online")),
-            "data.overlong": (self.data.overlong, ("truncate", "drop")),
-            "model.dtype": (self.model.dtype, ("auto", "fp32", "bf16")),
-            "model.vocab_init": (self.model.vocab_init, ("mean", "codebook")),
-            "trainer.nonfinite": (self.trainer.nonfinite, ("stop", "skip")),
-            "model.loss_impl": (self.model.loss_impl, ("chunked", "fused")),
-            "model.attn_implementation": (
-                self.model.attn_implementation,
-                ("auto", "sdpa", "flex_attention", "flash_attention_2", "eager"),
-            ),
+            "vision.source": (self.vision.source, VISION_SOURCES),
+            "data.overlong": (self.data.overlong, OVERLONG_POLICIES),
+            "model.dtype": (self.model.dtype, DTYPES),
+            "model.vocab_init": (self.model.vocab_init, EMBEDDING_INITS),
+            "trainer.nonfinite": (self.trainer.nonfinite, NONFINITE_POLICIES),
+            "model.loss_impl": (self.model.loss_impl, LOSS_IMPLEMENTATIONS),
+            "model.attn_implementation": (self.model.attn_implementation, ("auto", *ATTENTION_BACKENDS)),
         }
         for key, (value, valid) in choices.items():
             if value not in valid:
                 raise ConfigError(f"config key '{key}' is '{value}'; valid values: {', '.join(valid)}")
-        if self.trainer.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"config key 'trainer.zero_stage' is {self.trainer.zero_stage}; valid values: 0, 1, 2, 3")
+        if self.trainer.zero_stage not in ZERO_STAGES:
+            raise ConfigError(f"config key 'trainer.zero_stage' is {self.trainer.zero_stage}; "
+                              f"valid values: {', '.join(map(str, ZERO_STAGES))}")
         if not 0.0 <= self.model.checkpoint_fraction <= 1.0:
             raise ConfigError(f"config key 'model.checkpoint_fraction' must be in [0, 1], got {self.model.checkpoint_fraction}")
         if self.model.loss_impl == "fused" and self.trainer.zero_stage == 3:
@@ -179,7 +187,4 @@ def cli_overrides(args, extra: list[str] | None = None) -> list[str]:
 
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
-    os.replace(tmp, path)
+    atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

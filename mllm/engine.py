@@ -17,7 +17,7 @@ import torch
 
 from viq.config import ConfigError
 
-log = logging.getLogger("mllm")
+log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from data.vocab import SUBCODES, CodeVocab
-from mllm.model import CODE_ROWS, TEXT_ROWS, ViQMLLM
+from mllm.model import ViQMLLM
+from mllm.vocab_tables import CODE_ROWS, TEXT_ROWS
 from mllm.presets import build_llm
 
 FORMAT_NAME = "viq-mllm"

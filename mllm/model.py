@@ -4,13 +4,13 @@ An image reaches the LLM as `image_pad` positions in `input_ids` (layout in `dat
 the [M, 4] extended-vocabulary ids of their 2x2 sub-codes travel beside them as `codes`. Each
 position's input vector is `CodeMerger(embed(codes[i]))`: the four sub-code embeddings,
 concatenated and projected back to the hidden size. Everything else is the plain HF model.
+The same forward also takes continuous vectors for the image positions (`image_embeds`).
 
-Plain single-device PyTorch: DeepSpeed (ZeRO, activation checkpointing) is applied from outside;
-`extend_vocabulary` takes a `gathered` context factory for ZeRO-3 instead of importing it.
+Plain single-device PyTorch: DeepSpeed (ZeRO, activation checkpointing) is applied from outside
+(`mllm/engine.py`); the vocabulary tables live in `mllm/vocab_tables.py`.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Sequence
 
 import torch
@@ -21,207 +21,10 @@ from transformers import GenerationConfig, Qwen2ForCausalLM
 from data.vocab import SUBCODES, CodeVocab
 from mllm.loss import LOSS_IMPLEMENTATIONS, chunked_linear_cross_entropy, fused_linear_cross_entropy, head_weight
 from mllm.presets import build_llm
+from mllm.vocab_tables import extend_vocabulary, merge_tables, no_gather, split_tables, tables_split
 
 IGNORE_INDEX = -100
-_STATS_CHUNK_ROWS = 16384
 
-
-def no_gather(params: Sequence[nn.Parameter], modifier_rank: int | None = None):
-    """Default `gathered` factory: parameters are whole already (no ZeRO-3)."""
-    return contextlib.nullcontext()
-
-
-# ---------------------------------------------------------------------------------------------
-# Vocabulary extension
-# ---------------------------------------------------------------------------------------------
-
-def _row_stats(weight: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and std (fp32, on CPU) of weight[:n_rows], without an fp32 copy of the whole matrix."""
-    total = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
-    total_sq = torch.zeros_like(total)
-    for start in range(0, n_rows, _STATS_CHUNK_ROWS):
-        chunk = weight[start : min(start + _STATS_CHUNK_ROWS, n_rows)].double()
-        total += chunk.sum(0)
-        total_sq += (chunk * chunk).sum(0)
-    mean = total / n_rows
-    std = (total_sq / n_rows - mean * mean).clamp_min(0).sqrt()
-    return mean.float().cpu(), std.float().cpu()
-
-
-def _codebook_rows(features: torch.Tensor, hidden: int, mean, std, generator) -> torch.Tensor:
-    """A fixed random projection of the FSQ code vectors, standardised to the embedding's per-dim statistics."""
-    projection = torch.randn(features.shape[1], hidden, generator=generator)
-    projected = features.float().cpu() @ projection
-    projected = (projected - projected.mean(0)) / projected.std(0).clamp_min(1e-6)
-    return mean + projected * std
-
-
-def _init_new_rows(weight, vocab: CodeVocab, init: str, features, noise_std: float, generator) -> None:
-    """Write rows [embedding_rows, total_rows) of `weight` in place; rows below embedding_rows are untouched."""
-    mean, std = _row_stats(weight, vocab.text_vocab_size)
-    n_new = vocab.total_rows - vocab.embedding_rows
-    rows = mean + torch.randn(n_new, weight.shape[1], generator=generator) * (noise_std * std)
-    if init == "codebook":
-        rows[: vocab.codebook_size] = _codebook_rows(features, weight.shape[1], mean, std, generator)
-    weight[vocab.embedding_rows :] = rows.to(device=weight.device, dtype=weight.dtype)
-
-
-EMBEDDING_INITS = ("mean", "codebook")
-
-
-def extend_vocabulary(
-    llm: Qwen2ForCausalLM,
-    vocab: CodeVocab,
-    *,
-    init: str = "mean",
-    codebook_features: torch.Tensor | None = None,
-    noise_std: float = 0.05,
-    seed: int = 0,
-    gathered: Callable = no_gather,
-) -> None:
-    """Grow the LLM's embedding (and untied output head) from vocab.embedding_rows to vocab.total_rows.
-
-    Rows [0, embedding_rows) keep their values, the checkpoint's padding rows
-    [text_vocab_size, embedding_rows) included; only the new rows [embedding_rows, total_rows) are
-    written. init='mean': mean of the trained rows [0, text_vocab_size) plus Gaussian noise of
-    `noise_std` x their per-dimension std. init='codebook': code rows [code_base, code_base + K)
-    from a fixed random projection of `codebook_features` ([K, d], the FSQ implicit codebook)
-    scaled to the trained rows' mean/std; row_end and padding rows as for 'mean'. An untied output
-    head always gets 'mean' rows. `gathered(params, modifier_rank=0)` is entered around reads and
-    writes (deepspeed.zero.GatheredParameters under ZeRO-3, supplied by the caller).
-    """
-    if init not in EMBEDDING_INITS:
-        raise ValueError(f"unknown embedding init {init!r}; valid: {list(EMBEDDING_INITS)}")
-    rows = llm.get_input_embeddings().num_embeddings
-    if rows != vocab.embedding_rows:
-        raise ValueError(
-            f"LLM embedding has {rows} rows but CodeVocab.embedding_rows is {vocab.embedding_rows}: "
-            f"lay out the code vocabulary against this LLM (embedding_rows={rows})"
-        )
-    if init == "codebook":
-        if codebook_features is None or codebook_features.ndim != 2 or codebook_features.shape[0] != vocab.codebook_size:
-            shape = None if codebook_features is None else tuple(codebook_features.shape)
-            raise ValueError(
-                f"init='codebook' needs codebook_features of shape [{vocab.codebook_size}, d] (the FSQ implicit codebook); got {shape}"
-            )
-        if vocab.codebook_size < 2:
-            raise ValueError("init='codebook' needs at least 2 codes to standardise the projection; use init='mean'")
-    tied = bool(llm.config.tie_word_embeddings)
-
-    llm.resize_token_embeddings(vocab.total_rows, mean_resizing=False)
-    llm.config.vocab_size = vocab.total_rows
-    embedding = llm.get_input_embeddings().weight
-    head = llm.get_output_embeddings().weight
-    if tied and head is not embedding:
-        raise RuntimeError("config says tie_word_embeddings but lm_head.weight is not the embedding after resizing")
-
-    generator = torch.Generator().manual_seed(seed)
-    params = [embedding] if tied else [embedding, head]
-    with gathered(params, modifier_rank=0), torch.no_grad():
-        for param in params:
-            if tuple(param.shape) != (vocab.total_rows, llm.config.hidden_size):
-                raise RuntimeError(
-                    f"after resizing, a vocabulary matrix has shape {tuple(param.shape)} inside gathered(), expected "
-                    f"({vocab.total_rows}, {llm.config.hidden_size}): under ZeRO-3 pass deepspeed.zero.GatheredParameters "
-                    "as `gathered` and keep transformers' HfDeepSpeedConfig alive, or extend before deepspeed.initialize"
-                )
-        _init_new_rows(embedding, vocab, init, codebook_features, noise_std, generator)
-        if not tied:
-            _init_new_rows(head, vocab, "mean", None, noise_std, generator)
-
-
-# ---------------------------------------------------------------------------------------------
-# Split vocabulary tables: text rows and code rows as separate Parameters
-# ---------------------------------------------------------------------------------------------
-
-TEXT_ROWS = "text_rows"
-CODE_ROWS = "code_rows"
-
-
-class SplitEmbedding(nn.Module):
-    """An nn.Embedding of `text_rows.shape[0] + code_rows.shape[0]` rows stored as two Parameters.
-
-    text_rows: [code_base, H] (tokenizer entries + the checkpoint's padding rows); code_rows:
-    [total_rows - code_base, H] (code ids, row_end and the padding past it). Two tensors let the
-    optimizer give the new rows their own learning rate: Adam normalises per element, so scaling
-    gradient rows cannot do that, and ZeRO flattens parameters. Both tables are read on every call
-    (a lookup of index 0 stands in for the other table's ids), so each ZeRO-3 rank gathers the
-    same parameters every step; no copy of the full matrix is ever built.
-    """
-
-    def __init__(self, text_rows: nn.Parameter, code_rows: nn.Parameter, padding_idx: int | None = None):
-        super().__init__()
-        self.text_rows = text_rows
-        self.code_rows = code_rows
-        self.padding_idx = padding_idx  # kept for merging back into an identical nn.Embedding
-
-    @property
-    def code_base(self) -> int:
-        return self.text_rows.shape[0]
-
-    @property
-    def num_embeddings(self) -> int:
-        return self.text_rows.shape[0] + self.code_rows.shape[0]
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.text_rows.shape[1]
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        is_code = ids >= self.code_base
-        # Out-of-range ids still fail in F.embedding: negative ids on the text side, ids past the
-        # last row on the code side.
-        text = F.embedding(torch.where(is_code, 0, ids), self.text_rows)
-        code = F.embedding(torch.where(is_code, ids - self.code_base, 0), self.code_rows)
-        return torch.where(is_code.unsqueeze(-1), code, text)
-
-    def extra_repr(self) -> str:
-        return f"text_rows={tuple(self.text_rows.shape)}, code_rows={tuple(self.code_rows.shape)}"
-
-
-class SplitHead(nn.Module):
-    """Bias-free output head over split tables: logits = [h @ text_rows.T, h @ code_rows.T].
-
-    For a tied model the two Parameters are the SplitEmbedding's own (shared, not copied); the
-    logits of the two halves are concatenated, never the weight matrices.
-    """
-
-    def __init__(self, text_rows: nn.Parameter, code_rows: nn.Parameter):
-        super().__init__()
-        self.text_rows = text_rows
-        self.code_rows = code_rows
-
-    @property
-    def out_features(self) -> int:
-        return self.text_rows.shape[0] + self.code_rows.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.text_rows.shape[1]
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.cat([F.linear(hidden, self.text_rows), F.linear(hidden, self.code_rows)], dim=-1)
-
-    def extra_repr(self) -> str:
-        return f"text_rows={tuple(self.text_rows.shape)}, code_rows={tuple(self.code_rows.shape)}"
-
-
-def _split_parameter(weight: nn.Parameter, code_base: int) -> tuple[nn.Parameter, nn.Parameter]:
-    with torch.no_grad():
-        text = nn.Parameter(weight[:code_base].clone(), requires_grad=weight.requires_grad)
-        code = nn.Parameter(weight[code_base:].clone(), requires_grad=weight.requires_grad)
-    return text, code
-
-
-def _merged_parameter(text_rows: nn.Parameter, code_rows: nn.Parameter) -> nn.Parameter:
-    with torch.no_grad():
-        weight = torch.cat([text_rows, code_rows])
-    return nn.Parameter(weight, requires_grad=text_rows.requires_grad or code_rows.requires_grad)
-
-
-# ---------------------------------------------------------------------------------------------
-# Model
-# ---------------------------------------------------------------------------------------------
 
 class CodeMerger(nn.Module):
     """[M, 4, H] sub-code embeddings -> [M, H]: concat then Linear(4H, H), started at their mean.
@@ -331,6 +134,10 @@ class ViQMLLM(nn.Module):
             layer.gradient_checkpointing = i in chosen  # the flag HF's checkpointing layer reads per call
         return len(chosen)
 
+    def unsupported_settings(self, cfg) -> dict[str, str]:
+        """Every training setting applies to the MLLM (mllm.contract.TrainableModel)."""
+        return {}
+
     def compile_decoder_layers(self, **compile_kwargs) -> int:
         """torch.compile each decoder layer in place (fuses RMSNorm, RoPE, SwiGLU and the residual
         adds); the embedding, the mask construction and the loss stay eager. Returns the count."""
@@ -349,7 +156,7 @@ class ViQMLLM(nn.Module):
     @property
     def code_rows_split(self) -> bool:
         """True while the embedding (and head) are SplitEmbedding / SplitHead (see split_code_rows)."""
-        return isinstance(self.llm.get_input_embeddings(), SplitEmbedding)
+        return tables_split(self.llm)
 
     def split_code_rows(self) -> None:
         """Store the embedding and the output head as text rows [0, code_base) + code rows [code_base, total_rows).
@@ -358,60 +165,21 @@ class ViQMLLM(nn.Module):
         while the matrices are whole (before deepspeed.initialize). Loss, generation and export
         behave as before; save_export writes the standard merged layout. No-op when already split.
         """
-        if self.code_rows_split:
-            return
-        llm, code_base = self.llm, self.vocab.code_base
-        embedding, head = llm.get_input_embeddings(), llm.get_output_embeddings()
-        tied = bool(llm.config.tie_word_embeddings)
-        expected = (self.vocab.total_rows, llm.config.hidden_size)
-        for what, module in (("input embedding", embedding), ("output head", head)):
-            if tuple(module.weight.shape) != expected:
-                raise RuntimeError(
-                    f"split_code_rows: {what} weight has shape {tuple(module.weight.shape)}, expected {expected}; "
-                    "split before the parameters are partitioned (ZeRO-3) and after extend_vocabulary"
-                )
-        if getattr(head, "bias", None) is not None:
-            raise ValueError("split_code_rows: the output head has a bias; only bias-free heads (Qwen2.5) can be split")
-        if tied and head.weight is not embedding.weight:
-            raise RuntimeError("split_code_rows: config says tie_word_embeddings but lm_head.weight is not the embedding")
-        text, code = _split_parameter(embedding.weight, code_base)
-        llm.set_input_embeddings(SplitEmbedding(text, code, padding_idx=embedding.padding_idx))
-        llm.set_output_embeddings(SplitHead(text, code) if tied else SplitHead(*_split_parameter(head.weight, code_base)))
-        self._declare_tied_tables()
+        split_tables(self.llm, self.vocab)
 
     def merge_code_rows(self) -> None:
         """Inverse of split_code_rows: a plain nn.Embedding / bias-free nn.Linear of total_rows (re-tied when tied)."""
-        if not self.code_rows_split:
-            return
-        llm = self.llm
-        embedding, head = llm.get_input_embeddings(), llm.get_output_embeddings()
-        weight = _merged_parameter(embedding.text_rows, embedding.code_rows)
-        merged_embedding = nn.Embedding(
-            *weight.shape, padding_idx=embedding.padding_idx, _weight=weight.data, _freeze=not weight.requires_grad
-        )
-        head_weight = merged_embedding.weight if llm.config.tie_word_embeddings else _merged_parameter(head.text_rows, head.code_rows)
-        merged_head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-        merged_head.weight = head_weight
-        llm.set_input_embeddings(merged_embedding)
-        llm.set_output_embeddings(merged_head)
-        self._declare_tied_tables()
-
-    def _declare_tied_tables(self) -> None:
-        """Keep transformers' tied-weight bookkeeping true to the current modules.
-
-        Qwen2ForCausalLM declares `lm_head.weight -> model.embed_tokens.weight`; split, neither name
-        exists, and tie_weights() would fail on the missing source. While split (and tied) the
-        declaration names the split tables instead, so a tie_weights() call re-ties the already
-        shared Parameters (a no-op) and save_pretrained drops the head's duplicates.
-        """
-        llm = self.llm
-        if self.code_rows_split and llm.config.tie_word_embeddings:
-            llm._tied_weights_keys = {f"lm_head.{n}": f"model.embed_tokens.{n}" for n in (TEXT_ROWS, CODE_ROWS)}
-        else:
-            llm.__dict__.pop("_tied_weights_keys", None)  # back to the class declaration
-        llm.all_tied_weights_keys = llm.get_expanded_tied_weights_keys(all_submodels=False)
+        merge_tables(self.llm)
 
     # -- inputs -------------------------------------------------------------------------------
+
+    def _check_image_rows(self, image_mask: torch.Tensor, rows: int, what: str, count=None) -> None:
+        n_pad = int(image_mask.sum()) if count is None else count
+        if n_pad != rows:
+            raise ValueError(
+                f"input_ids hold {n_pad} image_pad positions (id {self.vocab.image_pad_id}) but {what} has {rows} rows; "
+                f"{what} needs exactly one row per image_pad position, in order"
+            )
 
     def _check_codes(self, image_mask: torch.Tensor, codes: torch.Tensor) -> None:
         if codes.ndim != 2 or codes.shape[1] != SUBCODES:
@@ -421,27 +189,34 @@ class ViQMLLM(nn.Module):
             n_pad, low, high = torch.stack([image_mask.sum(), codes.min(), codes.max()]).tolist()
         else:
             n_pad, low, high = int(image_mask.sum()), None, None
-        if n_pad != m:
-            raise ValueError(
-                f"input_ids hold {n_pad} image_pad positions (id {self.vocab.image_pad_id}) but codes has {m} rows; "
-                f"codes needs exactly one [{SUBCODES}] row per image_pad position, in order"
-            )
+        self._check_image_rows(image_mask, m, "codes", count=n_pad)
         if m and (low < self.vocab.code_base or high >= self.vocab.row_end_id):
             raise ValueError(
                 f"codes must be extended-vocabulary ids in [{self.vocab.code_base}, {self.vocab.row_end_id}) "
                 f"(FSQ index + CodeVocab.code_base); got min {low}, max {high}"
             )
 
-    def embed_inputs(self, input_ids: torch.Tensor, codes: torch.Tensor | None) -> torch.Tensor:
-        """[B, T] ids + [M, 4] code ids -> [B, T, H] input vectors with merged codes at image_pad positions.
+    def embed_inputs(self, input_ids: torch.Tensor, codes: torch.Tensor | None = None,
+                     image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T] ids + the image positions' inputs -> [B, T, H] input vectors.
 
-        The merger runs on every call, on a zero-row input when the batch has no image, so each
-        rank executes the same modules every step (ZeRO-3 hangs otherwise).
+        The image_pad positions take either `codes` ([M, 4] extended-vocabulary ids: the four
+        sub-code embeddings merged by the CodeMerger) or `image_embeds` ([M, H] continuous
+        vectors, e.g. ViT features through a projector while the tokenizer itself trains, or a
+        continuous encoder in the throughput comparison). On the codes path the merger runs on
+        every call, on a zero-row input when the batch has no image, so each rank executes the
+        same modules every step (ZeRO-3 hangs otherwise).
         """
+        image_mask = input_ids == self.vocab.image_pad_id
+        if image_embeds is not None:
+            if codes is not None:
+                raise ValueError("the image positions take codes or image_embeds, not both")
+            self._check_image_rows(image_mask, image_embeds.shape[0], "image_embeds")
+            text = self.llm.get_input_embeddings()(input_ids)
+            return text.masked_scatter(image_mask.unsqueeze(-1), image_embeds.to(text.dtype))
         if codes is None:
             codes = input_ids.new_zeros((0, SUBCODES))
         codes = codes.to(device=input_ids.device, dtype=torch.long)
-        image_mask = input_ids == self.vocab.image_pad_id
         self._check_codes(image_mask, codes)
         # One embedding call for text and code ids: a ZeRO-3 gather per step, not two.
         vectors = self.llm.get_input_embeddings()(torch.cat([input_ids.reshape(-1), codes.reshape(-1)]))
@@ -451,14 +226,19 @@ class ViQMLLM(nn.Module):
         return text.masked_scatter(image_mask.unsqueeze(-1), merged.to(text.dtype))
 
     def hidden_states(self, batch: dict) -> torch.Tensor:
-        """Final-norm hidden states [B, T, H] of a packed batch (no KV cache, no dense host mask)."""
+        """Final-norm hidden states [B, T, H] of a packed batch (no KV cache, no dense host mask).
+
+        The one LLM forward of the project: MLLM training on codes, tokenizer training and the
+        continuous-encoder arms of the throughput benchmark all come through here (`codes` or
+        `image_embeds` in the batch), so every attention backend's packing applies to each.
+        """
         input_ids = batch["input_ids"]
         b, t = input_ids.shape
         position_ids = batch.get("position_ids")
         if position_ids is None:
             position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
         position_ids = position_ids.to(input_ids.device)
-        inputs_embeds = self.embed_inputs(input_ids, batch.get("codes"))
+        inputs_embeds = self.embed_inputs(input_ids, batch.get("codes"), batch.get("image_embeds"))
         extra = {}
         if self.llm.config._attn_implementation == "flash_attention_2":
             # flash-attn detects packing only in a single row: flatten and pass cu_seqlens directly.

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from data.tokenizer import PRESET_EMBEDDING_ROWS
 from mllm.attention import resolve_attn_implementation
 
 _QWEN25_COMMON = {
@@ -31,7 +32,6 @@ _QWEN25_COMMON = {
 LLM_PRESETS: dict[str, dict] = {
     "qwen2.5-0.5b": {
         **_QWEN25_COMMON,
-        "vocab_size": 151936,
         "hidden_size": 896,
         "intermediate_size": 4864,
         "num_hidden_layers": 24,
@@ -42,7 +42,6 @@ LLM_PRESETS: dict[str, dict] = {
     },
     "qwen2.5-1.5b": {
         **_QWEN25_COMMON,
-        "vocab_size": 151936,
         "hidden_size": 1536,
         "intermediate_size": 8960,
         "num_hidden_layers": 28,
@@ -53,7 +52,6 @@ LLM_PRESETS: dict[str, dict] = {
     },
     "qwen2.5-7b": {
         **_QWEN25_COMMON,
-        "vocab_size": 152064,
         "hidden_size": 3584,
         "intermediate_size": 18944,
         "num_hidden_layers": 28,
@@ -64,7 +62,6 @@ LLM_PRESETS: dict[str, dict] = {
     },
     "tiny": {
         **_QWEN25_COMMON,
-        "vocab_size": 151936,
         "hidden_size": 64,
         "intermediate_size": 128,
         "num_hidden_layers": 2,
@@ -77,10 +74,13 @@ LLM_PRESETS: dict[str, dict] = {
 
 
 def preset_config(name: str, **overrides) -> Qwen2Config:
-    """The Qwen2Config of a preset; `overrides` replace single fields (e.g. tie_word_embeddings=False)."""
+    """The Qwen2Config of a preset; `overrides` replace single fields (e.g. tie_word_embeddings=False).
+
+    The embedding's row count comes from data.tokenizer.PRESET_EMBEDDING_ROWS, the one table of it.
+    """
     if name not in LLM_PRESETS:
         raise KeyError(f"unknown LLM preset {name!r}; valid presets: {sorted(LLM_PRESETS)} (or a local checkpoint dir)")
-    return Qwen2Config(**{**LLM_PRESETS[name], **overrides})
+    return Qwen2Config(**{"vocab_size": PRESET_EMBEDDING_ROWS[name], **LLM_PRESETS[name], **overrides})
 
 
 def build_llm(

@@ -6,6 +6,19 @@
 One optimizer step = `grad_accum` micro-batches of packed rows on every rank. The loss of
 a step is the sum of token cross-entropies divided by the number of supervised tokens of
 the whole step: all micro-batches on all ranks (counted up front with one all-reduce).
+
+Subclasses (tokenizer training, the throughput benchmark) change the trainer only through
+these extension points, never through its private methods:
+
+    build_data()                   records -> dataset -> loader; called again when the data settings change
+    data_settings()                (resize policy, pack capacity) of the data now
+    build_model()                  the module to train (a mllm.contract.TrainableModel)
+    configure_trainable(model)     freeze what must not train; returns the report that is logged
+    prepare_batch(batch)           a loader batch -> the model's input on the device
+    extra_metrics(micro_batches)   more numbers for the step's metrics
+    extra_loop_state() / restore_extra_loop_state(state)   more JSON state in checkpoints
+    before_step() / after_step(metrics)
+    export()
 """
 from __future__ import annotations
 
@@ -28,25 +41,27 @@ from data.prepare import prepare_training_data
 from data.tokenizer import build_tokenizer
 from mllm import checkpoint as ckpt
 from mllm.config import TrainConfig, save_config
+from mllm.contract import check_model
 from mllm.engine import (
     all_reduce_sum,
     all_reduce_vector,
     apply_freezing,
     device_and_dtype,
-    gathered,
     init_distributed,
     initialize_engine,
 )
 from mllm.export import save_export
+from mllm.hardware import gpu_peak_flops
 from mllm.model import build_mllm
 from viq import ViQModel
-from viq.bench import gpu_peak_flops
+from viq.errors import CheckpointError, DataError, UserError, run_cli
+from viq.log import setup_logging
 
-log = logging.getLogger("mllm")
+log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(UserError, RuntimeError):
+    """The loss became inf/NaN (a learning rate too high, bad data): one line, not a traceback."""
 
 
 class Trainer:
@@ -64,80 +79,75 @@ class Trainer:
         self._viq = None
         self.viq_config = self._viq_config()
         self.tokenizer, self.vocab = build_tokenizer(cfg.model.llm, self.viq_config)
-        self._setup_data()
-        self.model = self._build_model()
-        self._freeze()
+        self.records = self.image_root = self.code_store = None
+        self.build_data()
+        self.model = self.build_model()
+        log.info(self._trainable_report(self.configure_trainable(self.model)))
+        check_model(self.model, cfg)
         self.engine, self.ds_config, groups = initialize_engine(self.model, cfg, self.dtype == torch.bfloat16)
-        self.info(f"optimizer groups: {groups}; ZeRO stage {self.ds_config['zero_optimization']['stage']}; "
-                  f"device {self.device}, dtype {self.dtype}, attention {self.llm.config._attn_implementation}")
+        log.info(f"optimizer groups: {groups}; ZeRO stage {self.ds_config['zero_optimization']['stage']}; "
+                 f"device {self.device}, dtype {self.dtype}, attention {self.llm.config._attn_implementation}")
         self.step = 0
         self.totals = {"tokens": 0, "samples": 0, "skipped_steps": 0}
         self.peak_flops = gpu_peak_flops(self.device)
         self.flops_per_token = self._dense_flops_per_token()
-        tag_dir = ckpt.find_resume(self.ckpt_dir, resume)
-        if tag_dir is not None:
-            self._resume(tag_dir)
-        self._trim_metrics()
+        self.resumed_from = ckpt.find_resume(self.ckpt_dir, resume)
+        if self.resumed_from is not None:
+            self._resume(self.resumed_from)
 
-    def _trim_metrics(self) -> None:
-        """metrics.jsonl holds exactly this run's history: rows after the resumed step (logged
-        after the last save, before a crash) are dropped; a fresh start begins an empty file."""
-        path = self.run_dir / "metrics.jsonl"
-        if not self.is_main or not path.exists():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= self.step:
-                    kept.append(line)
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut by a kill
-        if not kept and self.step == 0:
-            self.info(f"starting a new run in {self.run_dir}: the previous metrics.jsonl is replaced")
-        path.write_text("".join(line + "\n" for line in kept))
+    # ---- extension points: data -------------------------------------------------------------
+    def build_data(self) -> None:
+        """Hook: (re)build `self.dataset`, `self.loader`, `self.batches` for `data_settings()`.
 
-    # ---- construction ----------------------------------------------------------------------
-    def _setup_data(self) -> None:
-        """The training records (code cache prepared on rank 0), the dataset and the loader."""
-        cfg = self.cfg
-        self.records, self.image_root, self.code_store = prepare_training_data(
-            cfg, self.viq_config, rank=self.rank, barrier=self._barrier, get_viq=lambda: self.viq, log=self.info
-        )
-        self._make_data()
-        _, plan = self.loader.plan_epoch()
-        self.info(
-            f"data: {len(self.dataset)} samples, {self.loader.steps_per_epoch // cfg.trainer.grad_accum} steps per epoch "
-            f"({self.capacity} tokens x {cfg.data.micro_batch_packs} packs x {cfg.trainer.grad_accum} accumulation x "
-            f"{self.world} ranks), packing efficiency {plan.efficiency:.3f}; longer than {self.capacity} tokens: "
-            f"{plan.n_truncated} truncated, {plan.n_dropped} dropped (data.overlong={cfg.data.overlong})"
-        )
-
-    def data_settings(self) -> tuple:
-        """(resize policy, pack capacity) of the data now; progressive schedules override it."""
-        return self.viq_config.resize_policy, self.cfg.data.max_seq_len
-
-    def _make_data(self) -> None:
+        The first call prepares the records (demo data generated and code cache extracted when
+        missing, rank 0 first); later calls (a resolution schedule) reuse them.
+        """
         cfg, d = self.cfg, self.cfg.data
+        first = self.records is None
+        if first:
+            self.records, self.image_root, self.code_store = prepare_training_data(
+                cfg, self.viq_config, rank=self.rank, barrier=self.barrier, get_viq=lambda: self.viq, log=log.info
+            )
         policy, self.capacity = self.data_settings()
         self.dataset = ConversationDataset(
             self.records, self.tokenizer, self.vocab, source=cfg.vision.source, image_root=self.image_root,
             code_store=self.code_store, resize_policy=policy, system=d.system_prompt or None,
         )
         if self.dataset.n_skipped:
-            self.info(f"data: skipped {self.dataset.n_skipped} record(s) {self.dataset.skipped}; e.g. {self.dataset.skipped_examples[0]}")
+            log.info(f"data: skipped {self.dataset.n_skipped} record(s) {self.dataset.skipped}; e.g. {self.dataset.skipped_examples[0]}")
         if len(self.dataset) == 0:
-            raise ValueError(f"no usable training records in {d.train or d.root}")
+            raise DataError(f"no usable training records in {d.train or d.root}")
         self.loader = PackedLoader(
             self.dataset, self.capacity, buffer_size=d.buffer_size, seed=cfg.trainer.seed, rank=self.rank,
             world_size=self.world, micro_batch_packs=d.micro_batch_packs, overlong=d.overlong,
             pad_to_capacity=d.pad_to_capacity, pad_id=self.tokenizer.pad_token_id, image_pad_id=self.vocab.image_pad_id,
         )
         self.batches = self.loader.iter_forever()
+        if first:
+            _, plan = self.loader.plan_epoch()
+            log.info(
+                f"data: {len(self.dataset)} samples, {self.loader.steps_per_epoch // cfg.trainer.grad_accum} steps per epoch "
+                f"({self.capacity} tokens x {d.micro_batch_packs} packs x {cfg.trainer.grad_accum} accumulation x "
+                f"{self.world} ranks), packing efficiency {plan.efficiency:.3f}; longer than {self.capacity} tokens: "
+                f"{plan.n_truncated} truncated, {plan.n_dropped} dropped (data.overlong={d.overlong})"
+            )
 
-    def info(self, message: str) -> None:
-        if self.is_main:
-            print(f"[train] {message}", flush=True)
+    def data_settings(self) -> tuple:
+        """Hook: (resize policy, pack capacity) of the data now; progressive schedules override it."""
+        return self.viq_config.resize_policy, self.cfg.data.max_seq_len
 
+    def prepare_batch(self, batch: dict) -> dict:
+        """Hook: a loader batch -> the model's input on the device (online: codes encoded here)."""
+        out = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        if self.cfg.vision.source == "online":
+            with torch.no_grad():
+                codes = self.viq.encode_pixels([p.to(self.viq.device) for p in batch["images"]])
+            flat = [c.reshape(-1, 4) for c in codes]
+            ids = torch.cat(flat) if flat else torch.zeros((0, 4), dtype=torch.long)
+            out["codes"] = self.vocab.codes_to_ids(ids).to(self.device)
+        return out
+
+    # ---- extension points: model ------------------------------------------------------------
     def _viq_config(self):
         from viq.model import ViQConfig, get_preset
 
@@ -156,7 +166,8 @@ class Trainer:
             self._viq.requires_grad_(False)
         return self._viq
 
-    def _build_model(self):
+    def build_model(self):
+        """Hook: the module to train; it must satisfy mllm.contract.TrainableModel."""
         c = self.cfg.model
         features = None
         if c.vocab_init == "codebook":
@@ -171,15 +182,21 @@ class Trainer:
             model.split_code_rows()
         return model
 
+    def configure_trainable(self, model) -> dict:
+        """Hook: freeze what must not train (config `freeze`); returns {part or kind: count} for the log."""
+        freeze = apply_freezing(model, self.cfg)
+        return {"trainable": freeze["trainable"], "total": freeze["total"], "frozen tensors": len(freeze["frozen_params"]),
+                "masked rows": freeze["masked_embedding_rows"] or "none"}
+
+    @staticmethod
+    def _trainable_report(report: dict) -> str:
+        return "trainable parameters: " + "; ".join(
+            f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in report.items())
+
     @property
     def llm(self):
         """The Hugging Face causal LM inside the trained module."""
         return self.model.llm
-
-    def _freeze(self) -> None:
-        freeze = apply_freezing(self.model, self.cfg)
-        self.info(f"trainable parameters: {freeze['trainable']:,} of {freeze['total']:,}; frozen: "
-                  f"{len(freeze['frozen_params'])} tensors; masked rows: {freeze['masked_embedding_rows'] or 'none'}")
 
     def _dense_flops_per_token(self) -> float:
         """6 x (non-embedding parameters) per token: forward + backward of the dense layers."""
@@ -189,17 +206,12 @@ class Trainer:
         self.head_flops_per_token = 6 * cfg.hidden_size * self.vocab.total_rows
         return 6.0 * n
 
-    # ---- the step --------------------------------------------------------------------------
-    def _to_device(self, batch: dict) -> dict:
-        out = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        if self.cfg.vision.source == "online":
-            with torch.no_grad():
-                codes = self.viq.encode_pixels([p.to(self.viq.device) for p in batch["images"]])
-            flat = [c.reshape(-1, 4) for c in codes]
-            ids = torch.cat(flat) if flat else torch.zeros((0, 4), dtype=torch.long)
-            out["codes"] = self.vocab.codes_to_ids(ids).to(self.device)
-        return out
+    # ---- extension points: metrics ----------------------------------------------------------
+    def extra_metrics(self, micro_batches: list[dict]) -> dict:
+        """Hook: more numbers for one step's metrics (e.g. a benchmark's encoder FLOPs)."""
+        return {}
 
+    # ---- the step --------------------------------------------------------------------------
     def train_step(self, micro_batches: list[dict]) -> dict:
         """One optimizer step over this rank's micro-batches; returns the step's global metrics.
 
@@ -218,12 +230,19 @@ class Trainer:
         self.engine.train()
         logs: dict[str, list] = {}
         for j, batch in enumerate(micro_batches):
-            out = self.engine(self._to_device(batch))
+            out = self.engine(self.prepare_batch(batch))
             loss_sum = out["loss_sum"]
             # Auxiliary losses arrive as means: averaged over micro-batches here, over ranks by DeepSpeed.
             aux = out.get("aux_loss")
             objective = loss_sum * scale if aux is None else loss_sum * scale + aux / len(micro_batches)
             if check_before_backward and _any_rank_nonfinite(objective):
+                # Skipped, but still one backward and one engine.step() like every micro-batch:
+                # they advance DeepSpeed's accumulation counter (and run its gradient reduction
+                # on the boundary micro-batch), so the next optimizer step stays where it belongs.
+                # A parameter-free zero adds no gradient.
+                del out, loss_sum, objective
+                self.engine.backward(torch.zeros((), device=self.device, requires_grad=True), scale_wrt_gas=False)
+                self.engine.step()
                 skipped += 1
                 continue
             self.engine.backward(objective, scale_wrt_gas=False)
@@ -260,11 +279,13 @@ class Trainer:
             "samples": samples, "seconds": seconds, "flops": flops, "skipped_micro_batches": skipped,
             "sample_indices": [i for b in micro_batches for i in b.get("sample_indices", [])],
             "logs": {k: v / self.world for k, v in zip(log_keys, totals[5:])},
+            **self.extra_metrics(micro_batches),
         }
 
     # ---- the loop --------------------------------------------------------------------------
     def train(self) -> dict:
         t = self.cfg.trainer
+        self._trim_metrics()
         writer = self._tensorboard()
         progress = self._progress()
         interval: list[dict] = []
@@ -356,8 +377,25 @@ class Trainer:
         return tqdm(total=self.cfg.trainer.max_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
                     dynamic_ncols=True)
 
+    def _trim_metrics(self) -> None:
+        """metrics.jsonl holds exactly this run's history: rows after the resumed step (logged
+        after the last save, before a crash) are dropped; a fresh start begins an empty file."""
+        path = self.run_dir / "metrics.jsonl"
+        if not self.is_main or not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= self.step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut by a kill
+        if not kept and self.step == 0:
+            log.info(f"starting a new run in {self.run_dir}: the previous metrics.jsonl is replaced")
+        path.write_text("".join(line + "\n" for line in kept))
+
     # ---- checkpoints and export ------------------------------------------------------------
-    def _barrier(self):
+    def barrier(self):
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
 
@@ -374,20 +412,20 @@ class Trainer:
 
     def save(self) -> Path:
         tag_dir = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.step, self.loop_state(), rank=self.rank,
-                                       keep=self.cfg.trainer.keep_checkpoints, barrier=self._barrier)
-        self.info(f"saved checkpoint {tag_dir}")
+                                       keep=self.cfg.trainer.keep_checkpoints, barrier=self.barrier)
+        log.info(f"saved checkpoint {tag_dir}")
         return tag_dir
 
     def _resume(self, tag_dir: Path) -> None:
         state = ckpt.load_checkpoint(self.engine, tag_dir)
         if state["world_size"] != self.world:
-            raise ValueError(f"{tag_dir}: saved with {state['world_size']} ranks, now {self.world}; resume with the same number of ranks")
+            raise CheckpointError(f"{tag_dir}: saved with {state['world_size']} ranks, now {self.world}; resume with the same number of ranks")
         self.step = state["step"]
         self.totals = state["totals"]
         self.restore_extra_loop_state(state)
         self.loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
-        self.info(f"resumed from {tag_dir} at step {self.step}")
+        log.info(f"resumed from {tag_dir} at step {self.step}")
 
     def export(self) -> Path | None:
         """runs/<name>/hf/: safetensors + config + tokenizer + ViQ tokenizer (rank 0 writes)."""
@@ -399,8 +437,8 @@ class Trainer:
                 save_export(self.model, self.tokenizer, self.vocab, out, self.viq, state_dict=state)
         elif self.is_main:
             save_export(self.model, self.tokenizer, self.vocab, out, self.viq)
-        self._barrier()
-        self.info(f"exported {out}")
+        self.barrier()
+        log.info(f"exported {out}")
         return out
 
 
@@ -432,25 +470,16 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# Errors that mean "the input or config is wrong": reported as one line, exit status 1.
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, NonFiniteLossError)
-
-
 def run_training(cfg: TrainConfig, resume: str | None = None, trainer_class=None) -> int:
-    """Build the trainer, train, and report a user error as one line (exit status 1)."""
-    logging.basicConfig(level=logging.WARNING)
-    for name in ("DeepSpeed", "deepspeed"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    try:
+    """Build the trainer and train; a UserError is one line and exit status 1 (viq.errors.run_cli)."""
+    setup_logging(int(os.environ.get("RANK", "0")))
+
+    def body() -> int:
         trainer = (trainer_class or Trainer)(cfg, resume=resume)
         last = trainer.train()
-    except USER_ERRORS as e:
-        if os.environ.get("VIQ_DEBUG"):
-            raise  # the full traceback, for bugs that surface as one of these exception types
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        program = Path(sys.argv[0]).stem or "train"
-        print(f"{program}: error: {message} (VIQ_DEBUG=1 shows the traceback)", file=sys.stderr, flush=True)
-        return 1
-    if trainer.is_main:
-        print(f"[train] done: step {trainer.step}, loss {last.get('loss', float('nan')):.4f}; run directory {trainer.run_dir}")
-    return 0
+        if trainer.is_main:
+            loss = last.get("loss", float("nan"))
+            print(f"[train] done: step {trainer.step}, loss {loss:.4f}; run directory {trainer.run_dir}", flush=True)
+        return 0
+
+    return run_cli(body)

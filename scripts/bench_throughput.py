@@ -33,7 +33,7 @@ def parse_args(argv=None):
     ap.add_argument("--llm", help="comma-separated LLM presets or local checkpoints")
     ap.add_argument("--capacity", help="comma-separated packed context lengths")
     ap.add_argument("--viq", help="ViQ preset or directory (the online_viq arm and the code layout)")
-    ap.add_argument("--encoders", help="comma-separated continuous encoders (mllm/encoders.py)")
+    ap.add_argument("--encoders", help="comma-separated continuous encoders (mllm/bench/encoders.py)")
     ap.add_argument("--arms", default="", help="only these arms (default: all)")
     ap.add_argument("--image-size", type=int, help="square image side in pixels (multiple of 28)")
     ap.add_argument("--text-tokens", help="min,max text tokens per sample")
@@ -90,8 +90,11 @@ def main(argv=None):
     sys.stdout = sys.stderr
     import torch
 
-    from mllm.bench import StepSettings, arm_names, run_comparison, spec_for
-    from mllm.encoders import get_encoder_spec
+    from mllm.bench.encoders import get_encoder_spec
+    from mllm.bench.throughput import StepSettings, arm_names, run_comparison, spec_for
+    from viq.log import setup_logging
+
+    setup_logging(int(os.environ.get("RANK", "0")), stream=sys.stderr)
 
     mode = MODES[args.mode or ("paper" if torch.cuda.is_available() else "tiny")]
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else mode[name]  # noqa: E731
@@ -173,7 +176,7 @@ def main(argv=None):
 
 
 def write_outputs(result: dict, out_dir: Path) -> None:
-    from mllm.bench_report import comparison_table, lever_table, plot_comparison
+    from mllm.bench.report import comparison_table, lever_table, plot_comparison
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench_throughput.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from viq.bench import run_encode_benchmark  # noqa: E402
+from mllm.bench.encode import run_encode_benchmark  # noqa: E402
 
 
 def main():

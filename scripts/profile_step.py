@@ -42,7 +42,7 @@ def profile_step(args):
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from mllm.bench import BenchTrainer, StepSettings, bench_config, spec_for
+    from mllm.bench.throughput import BenchTrainer, StepSettings, bench_config, spec_for
 
     settings = StepSettings(micro_batch_packs=max(1, args.micro_batch_tokens // args.capacity),
                             gradient_checkpointing=args.gradient_checkpointing, loss_impl=args.loss_impl,
@@ -60,7 +60,7 @@ def profile_step(args):
         engine, phases = trainer.engine, {}
         sync()
         t0 = time.perf_counter()
-        out = engine(trainer._to_device(batch))
+        out = engine(trainer.prepare_batch(batch))
         sync()
         phases["forward"] = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -10,7 +10,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from mllm.encoders import CONTINUOUS_ENCODERS, ContinuousEncoder, encoder_forward_flops, merge_patches, mlp_projector
+from mllm.bench.encoders import CONTINUOUS_ENCODERS, ContinuousEncoder, encoder_forward_flops, merge_patches, mlp_projector
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from mllm.config import load_config
 from mllm.engine import apply_freezing, build_param_groups
 from mllm.export import load_export, merge_split_tables, save_export
-from mllm.model import SplitEmbedding, SplitHead
+from mllm.vocab_tables import SplitEmbedding, SplitHead
 from tests.mllm.test_model import EOS, VOCAB, make_model, make_sample, pack
 from viq.config import ConfigError
 

@@ -6,7 +6,7 @@ positions come from:
 
 - `codes`: cached integer codes (what train_mllm.py does by default; no encoder in the loop);
 - `online_viq`: the ViQ tokenizer encodes the images inside the step (frozen, no gradient);
-- `<encoder>_frozen` / `<encoder>_trainable`: a continuous encoder (`mllm/encoders.py`) + MLP
+- `<encoder>_frozen` / `<encoder>_trainable`: a continuous encoder (`mllm/bench/encoders.py`) + MLP
   projector, the LLaVA / InternVL set-up, with the encoder frozen or trained.
 
 Per arm: the forward pass (no gradient) and the full step (forward, backward, DeepSpeed
@@ -16,8 +16,6 @@ peak memory and MFU (dense matmul + attention FLOPs of the LLM and of the encode
 from __future__ import annotations
 
 import dataclasses
-import gc
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,9 +27,10 @@ from torch import nn
 from data.packing import collate_packed, concat_packed
 from data.vocab import SUBCODES
 from mllm.config import TrainConfig
-from mllm.encoders import ContinuousEncoder, encoder_forward_flops, get_encoder_spec, mlp_projector
+from mllm.bench.encode import encode_flops
+from mllm.bench.encoders import ContinuousEncoder, encoder_forward_flops, get_encoder_spec, mlp_projector
+from mllm.hardware import device_name, free_memory, sync
 from mllm.trainer import Trainer
-from viq.bench import encode_flops, sync
 
 BASE_ARMS = ("codes", "online_viq")
 
@@ -88,7 +87,7 @@ def synthetic_samples(vocab, grid: int, image_size: int, capacity: int, text_tok
 
 
 class ContinuousArm(nn.Module):
-    """Continuous encoder -> MLP projector -> the ViQMLLM's LLM, on the same packed batch."""
+    """Continuous encoder -> MLP projector -> the ViQMLLM's own forward (`image_embeds`), on the same packed batch."""
 
     def __init__(self, encoder: ContinuousEncoder, mllm, trainable_encoder: bool):
         super().__init__()
@@ -96,7 +95,7 @@ class ContinuousArm(nn.Module):
         self.projector = mlp_projector(encoder.out_dim, mllm.config.hidden_size)
         self.trainable_encoder = trainable_encoder
 
-    # what the trainer and the engine helpers read from the model they train
+    # ---- mllm.contract.TrainableModel -------------------------------------------------------
     llm = property(lambda self: self.mllm.llm)
     vocab = property(lambda self: self.mllm.vocab)
     code_rows_split = property(lambda self: self.mllm.code_rows_split)
@@ -109,17 +108,14 @@ class ContinuousArm(nn.Module):
     def compile_decoder_layers(self) -> int:
         return self.mllm.compile_decoder_layers()
 
+    def unsupported_settings(self, cfg) -> dict[str, str]:
+        return {}
+
     def forward(self, batch: dict) -> dict:
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable_encoder):
             features = self.encoder(batch["pixels"])
-        ids = batch["input_ids"]
-        text = self.llm.get_input_embeddings()(ids)
-        mask = (ids == self.vocab.image_pad_id).unsqueeze(-1)
-        inputs = text.masked_scatter(mask, self.projector(features.to(text.dtype)).to(text.dtype))
-        hidden = self.llm.model(inputs_embeds=inputs, position_ids=batch["position_ids"], attention_mask=None,
-                                use_cache=False).last_hidden_state
-        loss_sum, n = self.mllm.loss_from_hidden(hidden, batch["labels"])
-        return {"loss_sum": loss_sum, "n_supervised": n}
+        embeds = self.projector(features.to(self.projector[1].weight.dtype))
+        return self.mllm({**batch, "codes": None, "image_embeds": embeds})
 
 
 class BenchTrainer(Trainer):
@@ -129,7 +125,7 @@ class BenchTrainer(Trainer):
         self.spec, self.arm = spec, arm
         super().__init__(cfg)
 
-    def _setup_data(self) -> None:
+    def build_data(self) -> None:
         spec, vocab = self.spec, self.vocab
         grid = spec.image_size // (self.viq_config.patch_size * self.viq_config.merge_size)
         rng = np.random.default_rng(spec.seed + 1000 * self.rank)
@@ -145,8 +141,8 @@ class BenchTrainer(Trainer):
             self.bench_batches.append(batch)
         self.loader = None
 
-    def _build_model(self):
-        mllm = super()._build_model()
+    def build_model(self):
+        mllm = super().build_model()
         if self.arm in BASE_ARMS:
             return mllm
         name, mode = self.arm.rsplit("_", 1)
@@ -157,26 +153,25 @@ class BenchTrainer(Trainer):
         arm.projector.to(self.dtype)
         return arm
 
-    def _freeze(self) -> None:
-        super()._freeze()
-        if isinstance(self.model, ContinuousArm):
-            self.model.encoder.requires_grad_(self.model.trainable_encoder)
+    def configure_trainable(self, model) -> dict:
+        report = super().configure_trainable(model)
+        if isinstance(model, ContinuousArm):
+            model.encoder.requires_grad_(model.trainable_encoder)
+            report["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return report
 
-    def _trim_metrics(self) -> None:
-        return None
-
-    def info(self, message: str) -> None:
-        if self.is_main:  # stdout carries the benchmark's JSON
-            print(f"[train] {message}", file=sys.stderr, flush=True)
-
-    def _to_device(self, batch: dict) -> dict:
+    def prepare_batch(self, batch: dict) -> dict:
         if self.arm == "codes":
             batch = {k: v for k, v in batch.items() if k not in ("images", "pixels")}
         elif self.arm == "online_viq":
             batch = {k: v for k, v in batch.items() if k != "pixels"}
         else:
             batch = {k: v for k, v in batch.items() if k not in ("images", "codes")}
-        return super()._to_device(batch)
+        return super().prepare_batch(batch)
+
+    def extra_metrics(self, micro_batches: list[dict]) -> dict:
+        """The FLOPs the vision side adds to the step, summed over ranks (0 for cached codes)."""
+        return {"vision_flops": sum(self.encoder_flops(b) for b in micro_batches) * self.world}
 
     def encoder_flops(self, batch: dict) -> float:
         """FLOPs the vision side adds to one step on this micro-batch (0 for cached codes)."""
@@ -221,14 +216,13 @@ def measure_arm(spec: BenchSpec, arm: str, run_dir: str) -> dict:
                 if i == spec.warmup:
                     sync(device)
                     t0 = time.perf_counter()
-                trainer.engine(trainer._to_device(batches[i % 2]))
+                trainer.engine(trainer.prepare_batch(batches[i % 2]))
             sync(device)
         forward_s = (time.perf_counter() - t0) / spec.steps
         step_metrics, k = [], spec.settings.grad_accum
         for i in range(spec.warmup + spec.steps):
             micro = [batches[(i * k + j) % 2] for j in range(k)]
             m = trainer.train_step(micro)
-            m["vision_flops"] = sum(trainer.encoder_flops(b) for b in micro) * trainer.world
             if i >= spec.warmup:
                 step_metrics.append(m)
         step_s = sum(m["seconds"] for m in step_metrics) / spec.steps
@@ -248,7 +242,7 @@ def measure_arm(spec: BenchSpec, arm: str, run_dir: str) -> dict:
         batch = batches[0]
         shape = {"tokens_per_micro_batch": int(batch["input_ids"].numel()), "real_tokens": int(batch["n_real_tokens"]),
                  "images": len(batch["images"]), "image_positions": int(batch["codes"].shape[0]),
-                 "attention": trainer.llm.config._attn_implementation, "device": _device_name(device),
+                 "attention": trainer.llm.config._attn_implementation, "device": device_name(device),
                  "dtype": str(trainer.dtype).replace("torch.", ""), "world_size": trainer.world}
         return {"entry": entry, "shape": shape}
     finally:
@@ -260,11 +254,7 @@ def _release(trainer) -> None:
     if engine is not None and hasattr(engine, "destroy"):
         engine.destroy()
     trainer.engine = trainer.model = trainer._viq = None
-    _free_memory()
-
-
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    free_memory()
 
 
 def run_comparison(spec: BenchSpec, arms: list[str], log=print, on_arm=None) -> dict:
@@ -280,7 +270,7 @@ def run_comparison(spec: BenchSpec, arms: list[str], log=print, on_arm=None) -> 
             try:
                 measured = measure_arm(spec, arm, run_dir)
             except Exception as e:  # noqa: BLE001 - one arm's failure (OOM, a compiler error) is reported, not fatal
-                _free_memory()
+                free_memory()
                 result["errors"][arm] = _one_line(e)
                 log(f"[bench] {spec.llm} {spec.capacity} {arm}: {result['errors'][arm]}")
                 if not spec.settings.compile_layers:
@@ -289,7 +279,7 @@ def run_comparison(spec: BenchSpec, arms: list[str], log=print, on_arm=None) -> 
                 try:  # a compiler failure should not cost the arm: measure it eager, and say so
                     measured = measure_arm(eager, arm, run_dir)
                 except Exception as e2:  # noqa: BLE001
-                    _free_memory()
+                    free_memory()
                     result["errors"][arm] += f"; eager: {_one_line(e2)}"
                     continue
                 measured["entry"]["compile_layers"] = False
@@ -321,12 +311,6 @@ def _add_speedups(result: dict) -> None:
 def _one_line(e: Exception) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:500]
-
-
-def _free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def spec_for(llm: str, capacity: int, *, viq: str, image_size: int, steps: int, warmup: int,

@@ -1,4 +1,4 @@
-"""Encode-throughput and storage measurements behind scripts/bench_viq.py."""
+"""Encode throughput and code storage of a ViQ tokenizer: behind scripts/bench_viq.py and the online arm."""
 from __future__ import annotations
 
 import time
@@ -6,20 +6,8 @@ import time
 import numpy as np
 import torch
 
-from .model import ViQModel
-
-# Peak dense bf16 tensor throughput (FLOP/s) of known GPUs, for MFU.
-GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
-
-
-def gpu_peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, peak in GPU_PEAK_BF16.items():
-        if key in name:
-            return peak
-    return None
+from mllm.hardware import device_name, gpu_peak_flops, sync
+from viq.model import ViQModel
 
 
 def encode_flops(model: ViQModel, grids: list[tuple[int, int]]) -> float:
@@ -34,12 +22,6 @@ def encode_flops(model: ViQModel, grids: list[tuple[int, int]]) -> float:
         total += 2 * sum(p.numel() for p in model.vit.merge.parameters()) * h * w
         total += 2 * sum(p.numel() for p in model.quantizer.parameters()) * h * w * 4
     return total
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work (timing boundaries); a no-op on CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _measure(model, pixels, repeats):
@@ -68,7 +50,7 @@ def run_encode_benchmark(preset: str, device=None, dtype=None, n_images: int = 1
         torch.cuda.reset_peak_memory_stats(device)
     result = {
         "preset": preset,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_name(device),
         "threads": torch.get_num_threads(),
         "dtype": dtype,
         "params": sum(p.numel() for p in model.parameters()),

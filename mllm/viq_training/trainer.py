@@ -1,0 +1,143 @@
+"""The tokenizer-training trainer: the MLLM `Trainer` with the ViQ training model, a progressive
+resolution schedule, an EMA teacher and the stage export. It changes the trainer only through
+its named extension points (see mllm/trainer.py).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from mllm.trainer import Trainer
+from mllm.viq_training.config import ViQTrainConfig
+from mllm.viq_training.export import export_stage
+from mllm.viq_training.model import ViQTrainModel
+from viq import ViQModel
+from viq.errors import MissingFileError
+
+log = logging.getLogger(__name__)
+
+
+class ViQTrainer(Trainer):
+    """The MLLM trainer with the ViQ training model, a resolution schedule and an EMA hook."""
+
+    def __init__(self, cfg: ViQTrainConfig, *, resume: str | None = None):
+        v = cfg.viq_train
+        if v.stage == 2:
+            init = Path(v.init_from)
+            if not (init / "viq" / "config.json").is_file():
+                raise MissingFileError(f"viq_train.init_from: {init} has no viq/ tokenizer (the export of a stage-1 run)")
+            cfg.model.viq = str(init / "viq")
+        self.phases = list(v.phases)
+        self.phase = 0
+        super().__init__(cfg, resume=resume)
+
+    # ---- schedule ------------------------------------------------------------------------------
+    def _phase_for(self, step: int) -> int:
+        end = 0
+        for i, phase in enumerate(self.phases):
+            end += phase.steps
+            if step < end:
+                return i
+        return max(0, len(self.phases) - 1)
+
+    def data_settings(self) -> tuple:
+        if not self.phases:
+            return super().data_settings()
+        phase = self.phases[self.phase]
+        policy = replace(self.viq_config.resize_policy, max_pixels=phase.max_pixels)
+        return policy, phase.max_seq_len
+
+    def before_step(self) -> None:
+        if self.phases and self._phase_for(self.step) != self.phase:
+            self.phase = self._phase_for(self.step)
+            self.build_data()
+            p = self.phases[self.phase]
+            log.info(f"step {self.step}: resolution phase {self.phase} (max_pixels {p.max_pixels}, "
+                      f"{p.max_seq_len} tokens, {len(self.dataset)} samples)")
+
+    def extra_loop_state(self) -> dict:
+        return {"phase": self.phase}
+
+    def restore_extra_loop_state(self, state: dict) -> None:
+        if state.get("phase", 0) != self.phase:
+            self.phase = state["phase"]
+            self.build_data()
+
+    def after_step(self, metrics: dict) -> None:
+        self.model.update_teacher()
+        usage = metrics["logs"].get("codebook_usage")
+        if usage is not None and usage < self.cfg.viq_train.usage_warn_below:
+            log.warning(f"warning: step {self.step}: codebook usage {usage:.4f} is below "
+                        f"{self.cfg.viq_train.usage_warn_below} (codebook collapse?)")
+
+    # ---- model -----------------------------------------------------------------------------
+    def build_model(self):
+        v = self.cfg.viq_train
+        torch.manual_seed(self.cfg.trainer.seed)
+        viq = ViQModel.from_pretrained(self.cfg.model.viq, device=self.device)
+        init_llm = Path(v.init_from) / "llm" if v.stage == 2 else None
+        if init_llm is not None and init_llm.is_dir():
+            from mllm.export import load_export
+
+            mllm, _, _ = load_export(init_llm, device=self.device, dtype=self.dtype,
+                                     attn_implementation=self.cfg.model.attn_implementation)
+        else:
+            mllm = super().build_model()
+        decoder = None
+        if v.stage == 2:
+            from viq.decoder import ViQDecoder, tiny_vae
+
+            vae = tiny_vae(self.cfg.trainer.seed) if v.vae == "tiny" else v.vae
+            decoder = ViQDecoder.from_vae(vae, viq.config.feature_dim, hidden_size=v.latent_head_hidden,
+                                          seed=self.cfg.trainer.seed)
+        if v.stage == 2 and v.center_bottleneck:
+            self._center_bottleneck(viq)
+        if v.stage == 2 and v.train_vit:
+            # A fixed centre goes stale as the ViT moves and usage collapses to one code (measured).
+            viq.config.center_momentum = v.center_momentum
+        model = ViQTrainModel(viq, mllm, v, decoder=decoder).to(device=self.device, dtype=self.dtype)
+        if v.stage == 2:
+            # The stage-1 projector read continuous features; stage 2 feeds quantised ones to a new one.
+            log.info(f"stage 2 from {v.init_from}: ViQ{' and LLM' if init_llm.is_dir() else ''} weights loaded")
+        return model
+
+    @torch.no_grad()
+    def _center_bottleneck(self, viq, n_samples: int = 64) -> None:
+        """Mean ViT token over this rank's first samples, averaged over ranks, folded into the
+        bottleneck bias (before DeepSpeed copies the weights, identically on every rank)."""
+        from mllm.engine import all_reduce_sum
+
+        total, count = None, 0
+        for i in range(self.rank, min(len(self.dataset), n_samples * self.world), self.world):
+            images = self.dataset[i].get("images") or []
+            if not images:
+                continue
+            tokens, _, _ = viq.vit([p.to(self.device) for p in images])
+            total = tokens.float().sum(0) if total is None else total + tokens.float().sum(0)
+            count += tokens.shape[0]
+        if total is None:
+            total = torch.zeros(viq.config.width, device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(total)
+        count = all_reduce_sum(count, self.device)
+        if count:
+            viq.quantizer.center_bottleneck(total / count)
+            log.info(f"stage 2: bottleneck centred on the mean of {int(count)} ViT tokens")
+
+    def configure_trainable(self, model) -> dict:
+        """What trains is set by viq_train.train_vit / train_quantizer / train_llm: counts per part."""
+        return model.apply_freezing()
+
+    def prepare_batch(self, batch: dict) -> dict:
+        out = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        out["images"] = [p.to(device=self.device, dtype=self.dtype) for p in batch["images"]]
+        return out
+
+    def export(self) -> Path:
+        """runs/<name>/export/ (see mllm.viq_training.export)."""
+        out = export_stage(self)
+        log.info(f"exported {out} (tokenizer: {out / 'viq'})")
+        return out
