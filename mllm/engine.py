@@ -110,6 +110,9 @@ def load_ds_config(cfg, use_bf16: bool) -> dict:
         if ds.get(key, "auto") == "auto":
             ds[key] = value
     ds.setdefault("train_micro_batch_size_per_gpu", 1)
+    # Trainer.train_step calls engine.step() once per optimizer step, after the step's last
+    # backward: the boundary is the trainer's, so a skipped micro-batch cannot shift it.
+    ds.setdefault("managed_gradient_accumulation", False)
     ds.pop("train_batch_size", None)  # derived by DeepSpeed from micro batch x accumulation x ranks
     bf16 = ds.setdefault("bf16", {})
     if bf16.get("enabled", "auto") == "auto":

@@ -236,14 +236,7 @@ class Trainer:
             aux = out.get("aux_loss")
             objective = loss_sum * scale if aux is None else loss_sum * scale + aux / len(micro_batches)
             if check_before_backward and _any_rank_nonfinite(objective):
-                # Skipped, but still one backward and one engine.step() like every micro-batch:
-                # they advance DeepSpeed's accumulation counter (and run its gradient reduction
-                # on the boundary micro-batch), so the next optimizer step stays where it belongs.
-                # A parameter-free zero adds no gradient.
-                del out, loss_sum, objective
-                self.engine.backward(torch.zeros((), device=self.device, requires_grad=True), scale_wrt_gas=False)
-                self.engine.step()
-                skipped += 1
+                skipped += 1  # no backward: it adds nothing to the step's accumulated gradients
                 continue
             self.engine.backward(objective, scale_wrt_gas=False)
             if not check_before_backward and _any_rank_nonfinite(objective):
@@ -251,14 +244,18 @@ class Trainer:
                     f"non-finite loss at step {self.step + 1}, micro-batch {j} (samples {batch.get('sample_indices', [])[:8]}); "
                     "stopping before the update. Lower optim.lr or set trainer.nonfinite=skip to skip such batches"
                 )
-            self.engine.step()
             loss_total += loss_sum.detach()
             if aux is not None:
                 logs.setdefault("aux_loss", []).append(aux.detach())
             for key, value in out.get("logs", {}).items():
                 logs.setdefault(key, []).append(value.detach() if torch.is_tensor(value) else value)
+        # The trainer owns the accumulation boundary (managed_gradient_accumulation=false): one
+        # engine.step() per optimizer step reduces what the micro-batches accumulated and updates,
+        # however many of them were skipped; a step whose every micro-batch was skipped updates nothing.
         if skipped == len(micro_batches):
             self.totals["skipped_steps"] += 1
+        else:
+            self.engine.step()
         # Efficiency against the full capacity of every pack, whether or not rows were padded to it.
         pack_capacity = self.cfg.data.max_seq_len * self.cfg.data.micro_batch_packs
         log_keys = sorted(logs)
