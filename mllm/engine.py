@@ -30,6 +30,12 @@ def init_distributed() -> tuple[int, int, int]:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not torch.cuda.is_available():
+        # DeepSpeed JIT-compiles a shared-memory all-reduce kernel for CPU ranks on first use: a
+        # minute of compiling on a small machine, and a compile killed half-way leaves a lock file
+        # in ~/.cache/torch_extensions that makes every later launch wait forever. Gloo alone
+        # carries the CPU runs, so the kernel is switched off (its table is the documented switch).
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
