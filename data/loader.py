@@ -42,6 +42,7 @@ from data.packing import (
     truncate_sample,
 )
 from data.vocab import ENDOFTEXT_ID, IMAGE_PAD_ID
+from viq.errors import CheckpointError
 
 STATE_VERSION = 1
 
@@ -311,11 +312,12 @@ class PackedLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+            raise CheckpointError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}; "
+                                  "this checkpoint was written by another version of the loader")
         mine = self._config_fingerprint()
         for key, value in state["config"].items():
             if mine.get(key) != value:
-                raise ValueError(
+                raise CheckpointError(
                     f"loader state was saved with {key}={value!r} but this loader has {key}={mine.get(key)!r}; "
                     "resume with the same data and loader settings"
                 )

@@ -21,7 +21,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-SUBCODES = 4  # 2x2 sub-codes per ViQ token
+from viq.quantizer import SUBCODES  # noqa: F401 - 2x2 sub-codes per ViQ token; data/ imports it from here
+
+# Label of positions the loss skips (torch cross_entropy's ignore_index); chat and packing use it.
+IGNORE_INDEX = -100
 
 # Qwen2.5 special tokens (ids 151643-151664), identical across Qwen2 / 2.5.
 ENDOFTEXT_ID = 151643
