@@ -14,21 +14,19 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.fid_inception import (
-    InceptionFeatures,
-    default_fid_weights,
-    load_inception_weights,
-    map_torchscript_inception,
-    tf1_bilinear_matrix,
-)
 from eval.reconstruction import (
     PSNR_CAP_DB,
+    InceptionFeatures,
     ReconstructionError,
     center_crop_adm,
+    default_fid_weights,
     frechet_distance,
+    load_inception_weights,
+    map_torchscript_inception,
     mean_psnr,
     psnr,
     ssim,
+    tf1_bilinear_matrix,
 )
 
 ROOT = Path(__file__).resolve().parents[2]

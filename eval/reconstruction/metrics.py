@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from eval.fid_inception import (
+from eval.reconstruction.inception import (
     FID_FEATURE_DIM,
     InceptionFeatures,
     ReconstructionError,
