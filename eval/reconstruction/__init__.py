@@ -4,7 +4,7 @@
     inception.py   the FID network (TF-Inception-v3 as torch-fidelity's inception-v3-compat), local weights
     evaluate.py    the protocol behind scripts/eval_reconstruction.py (ADM crops -> codes -> pixels)
 """
-from eval.reconstruction.metrics import (
+from eval.reconstruction.evaluate import (
     IMAGE_EXTENSIONS,
     center_crop_adm,
     evaluate_reconstruction,

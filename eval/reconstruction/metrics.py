@@ -1,11 +1,8 @@
-"""Reconstruction metrics for ViQ codes -> pixels: PSNR, SSIM and rFID, plus the evaluation run.
+"""Reconstruction metrics for ViQ codes -> pixels: PSNR, SSIM and the Frechet distance of rFID.
 
     psnr(a, b), ssim(a, b)                    one pair of uint8 images (tensor [3, H, W] or array [H, W, 3])
     mean_psnr(as_, bs), mean_ssim(as_, bs)    averaged over a set
-    extractor = InceptionFeatures.from_weights(default_fid_weights())
-    frechet_distance(extractor(originals), extractor(reconstructions))
-    center_crop_adm(image, 256)               ADM's centre crop (guided-diffusion's center_crop_arr recipe)
-    evaluate_reconstruction(tokenizer_dir, images_dir, out_dir)   what scripts/eval_reconstruction.py runs
+    frechet_distance(features_a, features_b)  FID of two feature sets (eval.reconstruction.inception's)
 
 Conventions (each avoids a bug that inflated published numbers, see docs/reconstruction.md):
 - Pixels are uint8 scaled to [0, 1]; PSNR and SSIM use data_range 1 (SSIM with data_range 2 on
@@ -23,30 +20,38 @@ Conventions (each avoids a bug that inflated published numbers, see docs/reconst
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from eval.reconstruction.inception import (
-    FID_FEATURE_DIM,
-    InceptionFeatures,
-    ReconstructionError,
-    default_fid_weights,
-    to_unit_float64,
-)
+from viq.errors import DataError
 
 PSNR_CAP_DB = 100.0
 SSIM_SIGMA = 1.5
 SSIM_RADIUS = 5  # int(3.5 * sigma + 0.5): scikit-image's truncate=3.5 -> an 11-tap window
 SSIM_K1, SSIM_K2 = 0.01, 0.03
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class ReconstructionError(DataError):
+    """Bad input to the reconstruction evaluation (images, weights); the message names it."""
+
+
+def to_unit_float64(image: Any, label: str = "image") -> torch.Tensor:
+    """uint8 tensor [3, H, W] (channel-first) or uint8 array [H, W, 3] -> float64 [3, H, W] in [0, 1]."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+            raise ReconstructionError(f"{label}: expected a uint8 array [H, W, 3], got {image.dtype} {image.shape}")
+        t = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)
+    elif isinstance(image, torch.Tensor):
+        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+            raise ReconstructionError(f"{label}: expected a uint8 tensor [3, H, W], got {image.dtype} {tuple(image.shape)}")
+        t = image.detach().cpu()
+    else:
+        raise ReconstructionError(f"{label}: expected a uint8 tensor or array, got {type(image).__name__}")
+    return t.to(torch.float64) / 255.0
 
 
 # ---- PSNR / SSIM ------------------------------------------------------------------------------
@@ -133,123 +138,3 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     tr_a, tr_b = float((xa * xa).sum()) / (len(a) - 1), float((xb * xb).sum()) / (len(b) - 1)
     fid = float(((mu_a - mu_b) ** 2).sum()) + tr_a + tr_b - 2.0 * tr_sqrt
     return max(fid, 0.0)
-
-
-# ---- the evaluation protocol --------------------------------------------------------------------
-def center_crop_adm(image: Any, size: int = 256) -> np.ndarray:
-    """ADM's centre crop (guided-diffusion center_crop_arr): halve with BOX filtering while the
-    shorter side is >= 2 * size, BICUBIC-resize the shorter side to size (sides rounded), then cut
-    the centre size x size. Returns uint8 [size, size, 3]."""
-    from viq.image import load_image
-
-    pil = load_image(image)
-    while min(pil.size) >= 2 * size:
-        pil = pil.resize(tuple(s // 2 for s in pil.size), resample=Image.BOX)
-    scale = size / min(pil.size)
-    pil = pil.resize(tuple(round(s * scale) for s in pil.size), resample=Image.BICUBIC)
-    arr = np.asarray(pil, dtype=np.uint8)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return np.ascontiguousarray(arr[top:top + size, left:left + size])
-
-
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    root = Path(folder)
-    if not root.is_dir():
-        raise ReconstructionError(f"{root}: not a directory")
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not paths:
-        raise ReconstructionError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
-    return paths
-
-
-def _resize_uint8(image_chw: torch.Tensor, size: int) -> np.ndarray:
-    pil = Image.fromarray(image_chw.permute(1, 2, 0).numpy())
-    return np.asarray(pil.resize((size, size), Image.BICUBIC), dtype=np.uint8)
-
-
-def save_comparison_grid(originals: Sequence[np.ndarray], reconstructions: Sequence[np.ndarray], path) -> None:
-    """PNG with the originals on the top row and their reconstructions below (uint8 [H, W, 3] each)."""
-    top = np.concatenate(list(originals), axis=1)
-    bottom = np.concatenate(list(reconstructions), axis=1)
-    Image.fromarray(np.concatenate([top, bottom], axis=0)).save(path)
-
-
-def evaluate_reconstruction(
-    tokenizer: str | os.PathLike,
-    images_dir: str | os.PathLike,
-    out_dir: str | os.PathLike | None = None,
-    limit: int | None = None,
-    batch: int = 16,
-    fid_weights: str | os.PathLike | None = None,
-    compute_fid: bool = True,
-    image_size: int = 256,
-    tokens_per_side: int | None = 16,
-    grid_pairs: int = 8,
-    device: str | None = None,
-) -> dict:
-    """Centre-crop every image to image_size (ADM), encode to ViQ codes, decode, and score the
-    reconstructions against the same crops: mean PSNR, mean SSIM and rFID.
-
-    The crop is fed to the tokenizer at tokens_per_side * 28 px (16 -> 448 px, 16 x 16 tokens; None
-    lets the tokenizer's resize policy choose) and the reconstruction is resized (bicubic) back to
-    image_size before scoring. Writes metrics.json and grid.png under out_dir when given.
-    """
-    from viq.decoder import ViQDecoder
-    from viq.model import ViQModel
-
-    if batch < 1:
-        raise ReconstructionError(f"batch must be >= 1, got {batch}")
-    paths = list_images(images_dir)[: limit if limit else None]
-    decoder = ViQDecoder.from_pretrained(tokenizer, device=device)
-    viq = ViQModel.from_pretrained(tokenizer, device=device)
-    extractor = InceptionFeatures.from_weights(fid_weights or default_fid_weights(), device) if compute_fid else None
-
-    psnrs, ssims, feats_in, feats_out, shown_in, shown_out, grids = [], [], [], [], [], [], []
-    for start in range(0, len(paths), batch):
-        chunk = paths[start:start + batch]
-        crops = [center_crop_adm(p, image_size) for p in chunk]
-        inputs = [Image.fromarray(c) for c in crops]
-        if tokens_per_side:
-            side = tokens_per_side * 28
-            inputs = [im.resize((side, side), Image.BICUBIC) for im in inputs]
-        codes = viq.encode(inputs, names=[str(p) for p in chunk])
-        grids += [tuple(c.shape[:2]) for c in codes]
-        recons = [_resize_uint8(r, image_size) for r in decoder.decode_codes(viq, codes)]
-        psnrs += [psnr(a, b) for a, b in zip(crops, recons)]
-        ssims += [ssim(a, b) for a, b in zip(crops, recons)]
-        if extractor is not None:
-            feats_in.append(extractor.features(crops, batch))
-            feats_out.append(extractor.features(recons, batch))
-        room = grid_pairs - len(shown_in)
-        shown_in += crops[:room]
-        shown_out += recons[:room]
-
-    n = len(paths)
-    result: dict[str, Any] = {
-        "images": n,
-        "image_size": image_size,
-        "token_grid": list(grids[0]) if len(set(grids)) == 1 else "mixed",
-        "psnr": float(np.mean(psnrs)),
-        "ssim": float(np.mean(ssims)),
-        "rfid": None,
-        "psnr_cap_db": PSNR_CAP_DB,
-        "tokenizer": str(tokenizer),
-        "images_dir": str(images_dir),
-    }
-    if extractor is not None:
-        if n >= 2:
-            result["rfid"] = frechet_distance(np.concatenate(feats_in), np.concatenate(feats_out))
-        if n < FID_FEATURE_DIM:
-            result["rfid_note"] = (
-                f"FID over {n} < {FID_FEATURE_DIM} images is strongly biased (rank-deficient covariance); "
-                "compare only runs on the same image set"
-            )
-    else:
-        result["rfid_note"] = "not computed (--no-fid)"
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-        save_comparison_grid(shown_in, shown_out, out / "grid.png")
-        result["grid_png"] = str(out / "grid.png")
-    return result
