@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ConfigError, from_dict, read_json_config
-from .errors import CheckpointError
+from .errors import CheckpointError, MissingDependencyError
 from .image import IMAGE_MEAN, IMAGE_STD, load_image, target_size
 from .io import atomic_path, atomic_write_json
 
@@ -47,7 +47,7 @@ def _autoencoder_kl():
     try:
         from diffusers import AutoencoderKL
     except ImportError:
-        raise ImportError("the ViQ decoder needs diffusers: pip install -e '.[recon]'") from None
+        raise MissingDependencyError("the ViQ decoder needs diffusers: pip install -e '.[recon]'") from None
     return AutoencoderKL
 
 

@@ -38,6 +38,10 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint or export is missing, incomplete or damaged; the message names the file."""
 
 
+class MissingDependencyError(UserError, ImportError):
+    """An optional package a feature needs is not installed; the message names the pip extra."""
+
+
 def one_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__

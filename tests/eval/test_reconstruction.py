@@ -277,7 +277,9 @@ def test_eval_reconstruction_one_line_errors(tokenizer_with_decoder, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "has no decoder (missing decoder/config.json)" in proc.stderr
     proc = _run("--tokenizer", root / "viq", "--images", tmp_path, "--no-fid")
-    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {tmp_path}: no images (.png, .jpg, .jpeg, .bmp, .webp, .tif, .tiff) found"
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"eval_reconstruction: error: {tmp_path}: no images (.png, .jpg, .jpeg, .bmp, .webp, .tif, .tiff) found "
+        "(VIQ_DEBUG=1 shows the traceback)")
     proc = _run("--tokenizer", root / "viq", "--images", root / "images", "--limit", 2, "--no-fid",
                 "--image-size", 32, "--tokens-per-side", 2)
     assert proc.returncode == 0, proc.stderr
