@@ -137,6 +137,7 @@ class ConversationDataset:
             for p, (h, w), key in zip(pixels, grids, self.keys[index]):
                 f = self.policy.factor
                 if (p.shape[1] // f, p.shape[2] // f) != (h, w):
-                    raise ValueError(f"{key}: decoded size gives grid {(p.shape[1] // f, p.shape[2] // f)}, header gave {(h, w)}")
+                    raise ImageInputError(f"{key}: decoded size gives grid {(p.shape[1] // f, p.shape[2] // f)}, "
+                                          f"header gave {(h, w)}; the file changed or its header lies")
             out["images"] = pixels
         return out

@@ -162,7 +162,7 @@ def truncate_sample(sample: dict, max_len: int, image_pad_id: int = IMAGE_PAD_ID
     if sample.get("codes") is not None:
         out["codes"] = sample["codes"][:n_image_kept]
     if sample.get("images") and n_image_kept != n_image_all:
-        raise ValueError(
+        raise ConfigError(
             f"truncating a sample of {ids.numel()} tokens to {max_len} cuts into one of its {len(sample['images'])} raw images; "
             "use overlong='drop' or a larger max_seq_len"
         )

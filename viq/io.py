@@ -121,11 +121,9 @@ def read_yaml(path: str | os.PathLike, *, what: str = "YAML file"):
     """The parsed YAML of a config-like file (empty file: None); a syntax error names `file:line`."""
     import yaml
 
-    path = Path(path)
-    text = read_text(path, what=what)
     try:
-        return yaml.safe_load(text)
+        return yaml.safe_load(read_text(path, what=what))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', None) or e})") from None

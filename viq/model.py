@@ -60,6 +60,11 @@ class ViQConfig:
             raise ConfigError(f"viq.oversize must be 'resize' or 'error', got '{self.oversize}'")
         if self.width % self.heads or (self.width // self.heads) % 4:
             raise ConfigError(f"viq.width {self.width} / heads {self.heads} must give a head dim divisible by 4")
+        if self.quant_dim % self.quant_heads or (self.quant_dim // self.quant_heads) % 4:
+            raise ConfigError(f"viq.quant_dim {self.quant_dim} / quant_heads {self.quant_heads} must give a head dim "
+                              "divisible by 4")
+        if not self.levels or any(int(level) < 2 for level in self.levels):
+            raise ConfigError(f"viq.levels must all be >= 2, got {list(self.levels)}")
 
     @property
     def codebook_size(self) -> int:

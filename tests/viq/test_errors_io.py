@@ -6,7 +6,7 @@ import pytest
 
 from viq.config import ConfigError, read_json_config
 from viq.errors import DataError, MissingFileError, UserError, run_cli
-from viq.io import atomic_write, atomic_write_json, iter_jsonl, read_json, read_jsonl_objects
+from viq.io import atomic_write, atomic_write_json, iter_jsonl, read_json, read_jsonl_objects, read_yaml
 
 
 def test_user_error_is_one_line_with_the_exit_code(capsys, monkeypatch):
@@ -79,3 +79,23 @@ def test_a_damaged_saved_config_is_a_config_error_naming_the_line(tmp_path):
     path.write_text('{"width": 64,\n "depth": }')
     with pytest.raises(ConfigError, match=rf"^{path}:2:\d+: invalid JSON"):
         read_json_config(str(path), "missing")
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = tmp_path / "mixture.yaml"
+    path.write_text("sources:\n  - path: a.jsonl\n    weight: [1\n  - path: b.jsonl\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:4: invalid YAML"):
+        read_yaml(path)
+    path.write_text("")
+    assert read_yaml(path) is None
+
+
+def test_dtype_names_resolve_in_one_table():
+    import torch
+
+    from viq.dtypes import parse_dtype
+
+    assert parse_dtype(None, "cuda:1") is torch.bfloat16 and parse_dtype(None, "cpu") is torch.float32
+    assert parse_dtype("bf16", "cpu") is torch.bfloat16
+    with pytest.raises(ConfigError, match="--dtype 'half' is not one of float32, fp32"):
+        parse_dtype("half", "cpu")
