@@ -38,10 +38,15 @@ import numpy as np
 import torch
 
 from data.tokenizer import QWEN25_DEFAULT_SYSTEM
-from data.vocab import CodeVocab
+from data.vocab import IGNORE_INDEX, CodeVocab
+from viq.errors import DataError
 
-IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
+# VLMEvalKit's prompt pieces (ImageVQADataset's suffix, ImageMCQDataset's instruction, whose space
+# before the newline is upstream's). The synthetic training prompts use them too, so the demo model
+# is trained on the prompts eval.prompts builds.
+VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
+MCQ_INSTRUCTION = "Please select the correct answer from the options above. \n"
 
 ROLE_ALIASES = {
     "human": "user",
@@ -52,7 +57,7 @@ ROLE_ALIASES = {
 }
 
 
-class ConversationTooLongError(ValueError):
+class ConversationTooLongError(DataError):
     """Not even the first round of a conversation fits in `max_len` positions."""
 
 
@@ -86,20 +91,20 @@ def collapse_image_spans(ids: list[int], vocab: CodeVocab) -> list[int]:
 def _normalise_turns(conversations: list[dict], system: str | None) -> tuple[str, list[tuple[str, str, int]]]:
     """(system prompt, [(role, text, index in the input), ...]) with roles mapped to user/assistant."""
     if not isinstance(conversations, (list, tuple)) or not conversations:
-        raise ValueError("conversations must be a non-empty list of turns")
+        raise DataError("conversations must be a non-empty list of turns")
     turns: list[tuple[str, str, int]] = []
     for index, turn in enumerate(conversations):
         if not isinstance(turn, dict):
-            raise ValueError(f"turn {index}: expected a dict with 'from'/'value', got {type(turn).__name__}")
+            raise DataError(f"turn {index}: expected a dict with 'from'/'value', got {type(turn).__name__}")
         raw_role = turn.get("from", turn.get("role"))
         text = turn.get("value", turn.get("content"))
         role = ROLE_ALIASES.get(raw_role) if isinstance(raw_role, str) else None
         if role is None:
-            raise ValueError(f"turn {index}: role {raw_role!r} is not one of {', '.join(ROLE_ALIASES)}")
+            raise DataError(f"turn {index}: role {raw_role!r} is not one of {', '.join(ROLE_ALIASES)}")
         if not isinstance(text, str):
-            raise ValueError(f"turn {index}: 'value' must be a string, got {type(text).__name__}")
+            raise DataError(f"turn {index}: 'value' must be a string, got {type(text).__name__}")
         if role == "system" and index > 0:
-            raise ValueError(f"turn {index}: a system turn may only come first")
+            raise DataError(f"turn {index}: a system turn may only come first")
         turns.append((role, text, index))
     system_prompt = system
     if turns[0][0] == "system":
@@ -107,7 +112,7 @@ def _normalise_turns(conversations: list[dict], system: str | None) -> tuple[str
     if system_prompt is None:
         system_prompt = QWEN25_DEFAULT_SYSTEM
     if IMAGE_PLACEHOLDER in system_prompt:
-        raise ValueError("system prompt: '<image>' belongs in a human turn")
+        raise DataError("system prompt: '<image>' belongs in a human turn")
     return system_prompt, turns
 
 
@@ -120,12 +125,12 @@ def _place_images(turns: list[tuple[str, str, int]], n_grids: int) -> list[tuple
                 turns = list(turns)
                 turns[position] = (role, (IMAGE_PLACEHOLDER + "\n") * n_grids + text, index)
                 return turns
-        raise ValueError(f"{n_grids} image(s) given but the conversation has no human turn to hold them")
+        raise DataError(f"{n_grids} image(s) given but the conversation has no human turn to hold them")
     if n_placeholders != n_grids:
-        raise ValueError(f"conversation has {n_placeholders} '<image>' placeholder(s) but {n_grids} image grid(s) were given")
+        raise DataError(f"conversation has {n_placeholders} '<image>' placeholder(s) but {n_grids} image grid(s) were given")
     for role, text, index in turns:
         if role == "assistant" and IMAGE_PLACEHOLDER in text:
-            raise ValueError(f"turn {index}: '<image>' in an assistant turn; images belong to human turns")
+            raise DataError(f"turn {index}: '<image>' in an assistant turn; images belong to human turns")
     return turns
 
 
@@ -149,7 +154,7 @@ class _TurnEncoder:
         clash = self.reserved.intersection(ids)
         if clash:
             names = ", ".join(self.tokenizer.convert_ids_to_tokens(sorted(clash)))
-            raise ValueError(f"{where}: text contains image token(s) {names}; use '<image>' placeholders instead")
+            raise DataError(f"{where}: text contains image token(s) {names}; use '<image>' placeholders instead")
         return ids, offsets
 
     def encode(self, role: str, text: str, grids: list[tuple[int, int]], where: str, supervise: bool):
@@ -205,7 +210,7 @@ def build_sample(
     system_prompt, turns = _normalise_turns(conversations, system)
     turns = _place_images(turns, len(grids))
     if not any(role == "assistant" for role, _, _ in turns):
-        raise ValueError("conversation has no gpt/assistant turn, so nothing would be supervised")
+        raise DataError("conversation has no gpt/assistant turn, so nothing would be supervised")
     encoder = _TurnEncoder(tokenizer, vocab)
     ids, labels = encoder.encode("system", system_prompt, [], "system prompt", supervise=False)
 

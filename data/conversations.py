@@ -24,14 +24,16 @@ deterministic, seeded interleaving of (source, index) pairs for one epoch.
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from data.chat import IMAGE_PLACEHOLDER, ROLE_ALIASES
+from data.hf_tables import is_save_to_disk, read_save_to_disk
 from viq.config import ConfigError, from_dict
+from viq.errors import DataError, MissingFileError
+from viq.io import iter_jsonl, read_json, read_yaml
 
 FORMATS = ("json", "jsonl", "parquet", "hf")
 
@@ -45,7 +47,7 @@ class ConversationRecord:
     images: list = field(default_factory=list)
 
 
-class RecordError(ValueError):
+class RecordError(DataError):
     """A conversation file or record is malformed; the message names file and line/record."""
 
 
@@ -106,28 +108,14 @@ def parse_record(raw, where: str, image_root: str | Path | None = None) -> Conve
 
 
 def _read_json(path: Path, image_root) -> list[ConversationRecord]:
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise RecordError(f"{path}:{error.lineno}:{error.colno}: invalid JSON: {error.msg}") from None
+    data = read_json(path, what="conversation file")
     if not isinstance(data, list):
         raise RecordError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     return [parse_record(raw, _describe(str(path), i, raw), image_root) for i, raw in enumerate(data)]
 
 
 def _read_jsonl(path: Path, image_root) -> list[ConversationRecord]:
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise RecordError(f"{path}:{line_number}: invalid JSON: {error.msg} (column {error.colno})") from None
-            records.append(parse_record(raw, f"{path}:{line_number}", image_root))
-    return records
+    return [parse_record(raw, f"{path}:{line}", image_root) for line, raw in iter_jsonl(path, what="conversation file")]
 
 
 def _records_from_table(table, where: str, image_root) -> list[ConversationRecord]:
@@ -148,40 +136,15 @@ def _read_parquet(path: Path, image_root) -> list[ConversationRecord]:
     return records
 
 
-def _hf_table(path: Path, split: str | None):
-    """The arrow table behind a `save_to_disk` folder (images stay encoded bytes)."""
-    if (path / "dataset_dict.json").is_file():
-        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
-        if split is None or split not in splits:
-            raise RecordError(f"{path}: a DatasetDict; choose split: one of {', '.join(splits)}")
-        path = path / split
-    try:
-        import datasets
-    except ImportError:
-        datasets = None
-    if datasets is not None:
-        return datasets.load_from_disk(str(path)).data.table
-    return _arrow_stream_table(path)
-
-
-def _arrow_stream_table(path: Path):
-    """Without `datasets` (the optional `data` extra): a save_to_disk folder's arrow files,
-    listed in its state.json, are plain arrow IPC streams."""
-    import pyarrow as pa
-
-    state = json.loads((path / "state.json").read_text())
-    tables = [pa.ipc.open_stream(str(path / f["filename"])).read_all() for f in state["_data_files"]]
-    return pa.concat_tables(tables)
-
-
 def _read_hf(path: Path, image_root, split=None) -> list[ConversationRecord]:
-    return _records_from_table(_hf_table(path, split), str(path), image_root)
+    table = read_save_to_disk(path, split, error=RecordError, split_option="the source's 'split' key")
+    return _records_from_table(table, str(path), image_root)
 
 
 def detect_format(path: str | Path) -> str:
     path = Path(path)
     if path.is_dir():
-        if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+        if is_save_to_disk(path):
             return "hf"
         if any(path.glob("*.parquet")):
             return "parquet"
@@ -202,7 +165,7 @@ def load_records(
     """All records of one file/folder; image paths are joined onto `image_root` when relative."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such conversation file or folder")
+        raise MissingFileError(f"{path}: no such conversation file or folder")
     fmt = format or detect_format(path)
     if fmt not in FORMATS:
         raise RecordError(f"{path}: unknown format '{fmt}'; valid: {', '.join(FORMATS)}")
@@ -259,10 +222,8 @@ def _resolve(base: Path, value: str | None) -> str | None:
 
 def load_mixture(yaml_path: str | Path) -> Mixture:
     """Parse a mixture YAML; relative paths resolve against `root` (default: the file's folder)."""
-    import yaml
-
     yaml_path = Path(yaml_path)
-    data = yaml.safe_load(yaml_path.read_text(encoding="utf-8")) or {}
+    data = read_yaml(yaml_path, what="mixture file") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{yaml_path}: expected a mapping with 'sources'")
     unknown = sorted(set(data) - {"root", "sources"})
@@ -302,7 +263,7 @@ def samples_per_source(sizes: list[int], weights: list[float], total: int) -> li
         raise ValueError(f"need one non-negative weight per source with a positive sum, got {list(weights)} for {len(sizes)}")
     for i, size in enumerate(sizes):
         if w[i] > 0 and size <= 0:
-            raise ValueError(f"source {i} has weight {w[i]} but no records")
+            raise DataError(f"source {i} has weight {w[i]} but no records")
     share = w / w.sum() * total
     counts = np.floor(share).astype(np.int64)
     remainder = total - int(counts.sum())

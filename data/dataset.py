@@ -22,6 +22,7 @@ from PIL import Image
 from data.chat import build_sample
 from data.conversations import ConversationRecord
 from data.vocab import SUBCODES, CodeVocab
+from viq.errors import ConfigError
 from viq.image import ImageInputError, ResizePolicy, preprocess, token_grid
 
 _EXIF_SWAPS_SIDES = {5, 6, 7, 8}
@@ -75,7 +76,7 @@ class ConversationDataset:
         system: str | None = None,
     ):
         if source not in VISION_SOURCES:
-            raise ValueError(f"source must be one of {', '.join(VISION_SOURCES)}, got '{source}'")
+            raise ConfigError(f"vision.source must be one of {', '.join(VISION_SOURCES)}, got '{source}'")
         if source == "codes" and code_store is None:
             raise ValueError("source 'codes' needs a code store (data.shards.CodeStore)")
         if source == "online" and resize_policy is None:
@@ -136,6 +137,7 @@ class ConversationDataset:
             for p, (h, w), key in zip(pixels, grids, self.keys[index]):
                 f = self.policy.factor
                 if (p.shape[1] // f, p.shape[2] // f) != (h, w):
-                    raise ValueError(f"{key}: decoded size gives grid {(p.shape[1] // f, p.shape[2] // f)}, header gave {(h, w)}")
+                    raise ImageInputError(f"{key}: decoded size gives grid {(p.shape[1] // f, p.shape[2] // f)}, "
+                                          f"header gave {(h, w)}; the file changed or its header lies")
             out["images"] = pixels
         return out

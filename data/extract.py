@@ -8,7 +8,7 @@ that cannot be decoded is skipped, counted, and listed in `skipped-rank<r>.jsonl
 from __future__ import annotations
 
 import json
-import os
+import logging
 import time
 from pathlib import Path
 
@@ -17,7 +17,10 @@ import torch
 from data.conversations import load_records
 from data.dataset import image_key
 from data.shards import ShardWriter, done_keys, merge_manifests
+from viq.errors import ConfigError
 from viq.image import ImageInputError
+
+logger = logging.getLogger(__name__)
 
 
 def unique_images(records, image_root) -> list[tuple[str, object]]:
@@ -48,11 +51,11 @@ def extract_file(viq_model, viq_name: str, data_path: str, out_dir: str, *, imag
 
 def extract_codes(
     viq_model, viq_name: str, records, out_dir: str, *, key_root: str | None,
-    rank: int = 0, world_size: int = 1, batch_images: int = 32, on_error: str = "skip", log=print,
+    rank: int = 0, world_size: int = 1, batch_images: int = 32, on_error: str = "skip", log=logger.info,
 ) -> dict:
     """Encode the images of `records` into shards under `out_dir`, keyed relative to key_root."""
     if on_error not in ("skip", "fail"):
-        raise ValueError(f"on_error must be 'skip' or 'fail', got '{on_error}'")
+        raise ConfigError(f"on_error must be 'skip' or 'fail', got '{on_error}'")
     images = unique_images(records, key_root)[rank::world_size]
     done = done_keys(out_dir) if Path(out_dir).exists() else set()
     todo = [(k, ref) for k, ref in images if k not in done]

@@ -42,6 +42,7 @@ from data.packing import (
     truncate_sample,
 )
 from data.vocab import ENDOFTEXT_ID, IMAGE_PAD_ID
+from viq.errors import CheckpointError, ConfigError, DataError
 
 STATE_VERSION = 1
 
@@ -86,11 +87,11 @@ class PackedLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
         if capacity < 1 or buffer_size < 1 or micro_batch_packs < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"capacity ({capacity}), buffer_size ({buffer_size}) and micro_batch_packs ({micro_batch_packs}) must be >= 1"
             )
         if not 0.0 <= refill_below <= 1.0:
-            raise ValueError(f"refill_below must be a fill fraction in [0, 1], got {refill_below}")
+            raise ConfigError(f"refill_below must be a fill fraction in [0, 1], got {refill_below}")
         self.dataset = dataset
         self.capacity = int(capacity)
         self.buffer_size = int(buffer_size)
@@ -274,7 +275,7 @@ class PackedLoader:
             if batch is None:
                 empty_epochs += 1
                 if empty_epochs > 1:
-                    raise ValueError("the loader produced no batch in a whole epoch: every sample was dropped or the data set is empty")
+                    raise DataError("the loader produced no batch in a whole epoch: every sample was dropped or the data set is empty")
                 continue
             empty_epochs = 0
             yield batch
@@ -311,11 +312,12 @@ class PackedLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+            raise CheckpointError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}; "
+                                  "this checkpoint was written by another version of the loader")
         mine = self._config_fingerprint()
         for key, value in state["config"].items():
             if mine.get(key) != value:
-                raise ValueError(
+                raise CheckpointError(
                     f"loader state was saved with {key}={value!r} but this loader has {key}={mine.get(key)!r}; "
                     "resume with the same data and loader settings"
                 )

@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from data.vocab import ENDOFTEXT_ID, IMAGE_PAD_ID, SUBCODES
+from data.vocab import ENDOFTEXT_ID, IGNORE_INDEX, IMAGE_PAD_ID, SUBCODES
+from viq.errors import ConfigError
 
-IGNORE_INDEX = -100
 MAX_SEQ_LEN_PRESETS = {"4k": 4096, "16k": 16384}
 OVERLONG_POLICIES = ("truncate", "drop")
 
@@ -69,17 +69,17 @@ def resolve_max_seq_len(value: int | str) -> int:
     """`4096`, `"4k"` or `"16k"` -> token capacity; unknown preset names fail listing valid ones."""
     if isinstance(value, str) and not value.isdigit():
         if value not in MAX_SEQ_LEN_PRESETS:
-            raise ValueError(f"unknown max_seq_len preset '{value}'; valid: {', '.join(MAX_SEQ_LEN_PRESETS)} or an integer")
+            raise ConfigError(f"unknown max_seq_len preset '{value}'; valid: {', '.join(MAX_SEQ_LEN_PRESETS)} or an integer")
         return MAX_SEQ_LEN_PRESETS[value]
     capacity = int(value)
     if capacity <= 0:
-        raise ValueError(f"max_seq_len must be positive, got {capacity}")
+        raise ConfigError(f"max_seq_len must be positive, got {capacity}")
     return capacity
 
 
 def check_overlong_policy(policy: str) -> str:
     if policy not in OVERLONG_POLICIES:
-        raise ValueError(f"unknown overlong policy '{policy}'; valid: {', '.join(OVERLONG_POLICIES)}")
+        raise ConfigError(f"unknown overlong policy '{policy}'; valid: {', '.join(OVERLONG_POLICIES)}")
     return policy
 
 
@@ -162,7 +162,7 @@ def truncate_sample(sample: dict, max_len: int, image_pad_id: int = IMAGE_PAD_ID
     if sample.get("codes") is not None:
         out["codes"] = sample["codes"][:n_image_kept]
     if sample.get("images") and n_image_kept != n_image_all:
-        raise ValueError(
+        raise ConfigError(
             f"truncating a sample of {ids.numel()} tokens to {max_len} cuts into one of its {len(sample['images'])} raw images; "
             "use overlong='drop' or a larger max_seq_len"
         )

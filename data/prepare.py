@@ -7,12 +7,16 @@ others wait), then opened with the settings it must match.
 """
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 from data.conversations import load_mixture, load_records, mixture_order
 from data.extract import cache_meta, extract_codes
 from data.shards import CodeStore
+from viq.errors import MissingFileError
+
+logger = logging.getLogger(__name__)
 
 
 def train_path(cfg) -> Path:
@@ -41,7 +45,7 @@ def load_training_records(cfg, seed: int):
     return load_records(path, image_root), image_root
 
 
-def prepare_training_data(cfg, viq_cfg, *, rank: int, barrier, get_viq, log=print):
+def prepare_training_data(cfg, viq_cfg, *, rank: int, barrier, get_viq, log=logger.info):
     """(records, image_root, code_store or None) with everything generated/extracted as needed."""
     # Rank 0 creates what is missing; every rank then meets at the barrier unconditionally: a
     # rank that checked after rank 0 had finished would otherwise skip it and deadlock the rest.
@@ -53,7 +57,7 @@ def prepare_training_data(cfg, viq_cfg, *, rank: int, barrier, get_viq, log=prin
         make_synthetic_dataset(cfg.data.root, cfg.data.synthetic_n, seed=cfg.trainer.seed)
     barrier()
     if not path.exists():
-        raise FileNotFoundError(f"data.train: {path} does not exist")
+        raise MissingFileError(f"data.train: {path} does not exist")
     records, image_root = load_training_records(cfg, cfg.trainer.seed)
     if cfg.vision.source == "online":
         return records, image_root, None
@@ -66,7 +70,7 @@ def prepare_training_data(cfg, viq_cfg, *, rank: int, barrier, get_viq, log=prin
             f"compression {summary['compression_ratio'] or 0:.0f}x, {summary['images_skipped']} skipped")
     barrier()
     if not manifest.exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"vision.codes_dir: no code cache at {codes_dir}; run scripts/extract_codes.py or set vision.extract_if_missing=true"
         )
     store = CodeStore(codes_dir, expected_meta=cache_meta(viq_cfg, cfg.model.viq))

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 
 from data.vocab import SUBCODES
+from viq.errors import DataError
+from viq.io import atomic_write, fsync_dir, read_json
 
 FORMAT_NAME = "viq-code-shards"
 FORMAT_VERSION = 1
@@ -45,7 +47,7 @@ PIXELS_PER_TOKEN = 28  # one ViQ token covers 28 x 28 pixels (14 px patches, 2 x
 _SHARD_RE = re.compile(r"^codes-(\d{3})-(\d{5})\.(bin|bin\.tmp|idx\.json)$")
 
 
-class ShardError(ValueError):
+class ShardError(DataError):
     """The code cache is missing, damaged or does not match; the message names file and key."""
 
 
@@ -67,21 +69,16 @@ def compression_ratio(h: int, w: int, nbytes: int, pixels_per_token: int = PIXEL
     return (h * pixels_per_token) * (w * pixels_per_token) * 3 / nbytes
 
 
-def _atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, separators=(",", ":"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _write_json(path: Path, obj) -> None:
+    # Compact: an index lists every key of its shard.
+    atomic_write(path, json.dumps(obj, separators=(",", ":")))
 
 
 def _read_json(path: Path):
     try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{path}: not valid JSON ({e})") from None
+        return read_json(path, what="code cache file")
+    except DataError as e:  # damaged cache files are ShardErrors, as every other cache problem
+        raise ShardError(str(e)) from None
 
 
 def _normalise_meta(meta: dict | None) -> dict:
@@ -155,7 +152,7 @@ class ShardWriter:
             if diff:
                 raise ShardError(f"{meta_path}: cache was written with other settings: {diff}; use a fresh --out directory")
         else:
-            _atomic_write_json(meta_path, self.meta)
+            _write_json(meta_path, self.meta)
         self._done = done_keys(self.out_dir)
         files = _shard_files(self.out_dir)
         for (r, n), kinds in files.items():
@@ -229,7 +226,10 @@ class ShardWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
+        # The shard streams into its own .bin.tmp (not viq.io.atomic_path: it is written record by
+        # record); the rename is made durable before the index that lists the shard is written.
         os.replace(self._tmp_path, self.out_dir / f"{self._stem}.bin")
+        fsync_dir(self.out_dir)
         index = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -240,7 +240,7 @@ class ShardWriter:
             "meta": self.meta,
             "records": self._cols,
         }
-        _atomic_write_json(self.out_dir / f"{self._stem}.idx.json", index)  # the shard is listed from here on
+        _write_json(self.out_dir / f"{self._stem}.idx.json", index)  # the shard is listed from here on
         self.shards_written.append(f"{self._stem}.bin")
         self._next_n += 1
 
@@ -287,7 +287,7 @@ def merge_manifests(out_dir: str | os.PathLike) -> dict:
         "nbytes": sum(s["nbytes"] for s in shards),
         "shards": shards,
     }
-    _atomic_write_json(out_dir / MANIFEST_FILE, manifest)
+    _write_json(out_dir / MANIFEST_FILE, manifest)
     return manifest
 
 

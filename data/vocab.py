@@ -21,7 +21,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-SUBCODES = 4  # 2x2 sub-codes per ViQ token
+from viq.errors import CheckpointError
+from viq.quantizer import SUBCODES  # noqa: F401 - 2x2 sub-codes per ViQ token; data/ imports it from here
+
+# Label of positions the loss skips (torch cross_entropy's ignore_index); chat and packing use it.
+IGNORE_INDEX = -100
 
 # Qwen2.5 special tokens (ids 151643-151664), identical across Qwen2 / 2.5.
 ENDOFTEXT_ID = 151643
@@ -44,8 +48,9 @@ class CodeVocab:
 
     def __post_init__(self):
         if self.embedding_rows < self.text_vocab_size:
-            raise ValueError(
-                f"embedding has {self.embedding_rows} rows but the tokenizer {self.text_vocab_size} entries"
+            raise CheckpointError(
+                f"embedding has {self.embedding_rows} rows but the tokenizer {self.text_vocab_size} entries; "
+                "the checkpoint's config.json vocab_size and its tokenizer do not belong together"
             )
         if self.codebook_size <= 0:
             raise ValueError(f"codebook_size must be positive, got {self.codebook_size}")

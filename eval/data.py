@@ -22,13 +22,16 @@ import base64
 import binascii
 import csv
 import io
-import json
 import os
 import re
 import sys
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
+
+from data.hf_tables import is_save_to_disk, read_arrow_stream, read_save_to_disk
+from viq.errors import DataError  # bad benchmark or prediction input; callers import it from here too
+from viq.io import read_jsonl_objects, read_text
 
 # pandas' default na_values for read_csv / read_excel.
 PANDAS_NA_STRINGS = frozenset({
@@ -41,10 +44,6 @@ _INT_PATTERN = re.compile(r'^[+-]?\d+$')
 _FLOAT_PATTERN = re.compile(r'^[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?|inf|infinity|nan)$',
                             re.IGNORECASE)
 _BOOL_VALUES = {'True': True, 'TRUE': True, 'true': True, 'False': False, 'FALSE': False, 'false': False}
-
-
-class DataError(ValueError):
-    """Bad benchmark or prediction input; the message is one line naming file/row/column."""
 
 
 class ImageRef:
@@ -109,6 +108,20 @@ def infer_column(values: list):
 def read_tsv_rows(path: Path, text_only_columns=TEXT_ONLY_COLUMNS) -> list[dict]:
     """A TSV as pandas (sep='\\t', default quoting) would read it, as a list of row dicts."""
     csv.field_size_limit(sys.maxsize)
+    try:
+        header, raw_rows = _read_tsv_fields(path)
+    except UnicodeDecodeError:
+        read_text(path)   # streaming saves memory on GB-sized TSVs; this names the file, line and byte
+        raise
+    columns = {}
+    for j, name in enumerate(header):
+        values = [apply_na_rule(r[j]) for r in raw_rows]
+        columns[name] = values if name in text_only_columns else infer_column(values)
+    return [{name: columns[name][i] for name in header} for i in range(len(raw_rows))]
+
+
+def _read_tsv_fields(path: Path) -> tuple[list[str], list[list[str]]]:
+    """(header, rows padded to the header's width) of a tab-separated file, read as a stream."""
     with open(path, newline='', encoding='utf-8') as f:
         reader = csv.reader(f, delimiter='\t')
         try:
@@ -122,27 +135,12 @@ def read_tsv_rows(path: Path, text_only_columns=TEXT_ONLY_COLUMNS) -> list[dict]
             if len(fields) > len(header):
                 raise DataError(f'{path}:{line_number}: {len(fields)} fields but the header has {len(header)} columns')
             raw_rows.append(fields + [''] * (len(header) - len(fields)))
-    columns = {}
-    for j, name in enumerate(header):
-        values = [apply_na_rule(r[j]) for r in raw_rows]
-        columns[name] = values if name in text_only_columns else infer_column(values)
-    return [{name: columns[name][i] for name in header} for i in range(len(raw_rows))]
+    return header, raw_rows
 
 
 def read_jsonl_rows(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding='utf-8') as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f'{path}:{line_number}: malformed JSON line ({exc.msg} at column {exc.colno})') from None
-            if not isinstance(row, dict):
-                raise DataError(f'{path}:{line_number}: expected a JSON object, got {type(row).__name__}')
-            rows.append({k: apply_na_rule(v) for k, v in row.items()})
-    return rows
+    """JSON Lines objects with pandas' NA strings as None (what VLMEvalKit's round trip yields)."""
+    return [{k: apply_na_rule(v) for k, v in row.items()} for _, row in read_jsonl_objects(path)]
 
 
 def require_columns(rows: list[dict], columns, source, purpose: str) -> None:
@@ -211,18 +209,10 @@ def _hf_table(path: Path, split: str | None):
         if path.suffix == '.parquet':
             return pq.read_table(path)
         if path.suffix == '.arrow':
-            with pa.memory_map(str(path)) as source:
-                return pa.ipc.open_stream(source).read_all()
+            return read_arrow_stream(path)
         raise DataError(f'{path}: not a .parquet or .arrow file')
-    if (path / 'dataset_dict.json').is_file():
-        splits = json.loads((path / 'dataset_dict.json').read_text())['splits']
-        if split not in splits:
-            raise DataError(f'{path}: a DatasetDict; pass split=one of {splits}')
-        return _hf_table(path / split, None)
-    if (path / 'state.json').is_file():  # datasets.save_to_disk: Arrow IPC stream shards
-        state = json.loads((path / 'state.json').read_text())
-        shards = [path / entry['filename'] for entry in state['_data_files']]
-        return pa.concat_tables([_hf_table(s, None) for s in shards])
+    if is_save_to_disk(path):
+        return read_save_to_disk(path, split, split_option='split=')
     parquet_files = sorted(path.rglob('*.parquet'))
     if split is not None:
         parquet_files = [p for p in parquet_files if split in p.name or split in p.parent.name]

@@ -26,16 +26,16 @@ import torch
 from data.chat import IMAGE_PLACEHOLDER, build_prompt
 from data.vocab import ENDOFTEXT_ID, IM_END_ID, SUBCODES
 from mllm.export import MARKER_FILE, load_export, load_viq
+from viq.dtypes import default_device, parse_dtype
+from viq.errors import CheckpointError
 
-DTYPES = {'float32': torch.float32, 'fp32': torch.float32, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
-          'float16': torch.float16, 'fp16': torch.float16}
 DEFAULT_MAX_NEW_TOKENS = 64   # the benchmarks ask for a word, a phrase or an option letter
 # A literal '<image>' in benchmark text would be read as a placeholder; this spelling keeps the
 # characters readable for the model without being one.
 _LITERAL_PLACEHOLDER = '< image>'
 
 
-class ExportError(ValueError):
+class ExportError(CheckpointError):
     """The model directory is not a usable ViQ-MLLM export."""
 
 
@@ -48,21 +48,6 @@ class PreparedPrompt:
 
     def __len__(self) -> int:
         return int(self.input_ids.numel())
-
-
-def parse_dtype(name: str | torch.dtype | None, device: str) -> torch.dtype:
-    """'bf16' / 'float32' / ... -> torch dtype; None: bfloat16 on CUDA, float32 elsewhere."""
-    if isinstance(name, torch.dtype):
-        return name
-    if name is None:
-        return torch.bfloat16 if str(device).startswith('cuda') else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def default_device() -> str:
-    return 'cuda' if torch.cuda.is_available() else 'cpu'
 
 
 def model_name_from_path(export_dir) -> str:

@@ -21,6 +21,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 from eval.metrics.vqa import as_text
+from viq.errors import ConfigError, UserError
 
 GRADES = ('CORRECT', 'INCORRECT', 'NOT_ATTEMPTED')
 _GRADE_PATTERN = re.compile(r'\b(NOT_ATTEMPTED|INCORRECT|CORRECT)\b')
@@ -49,8 +50,8 @@ Predicted answer: {prediction}
 Grade (one word):"""
 
 
-class JudgeError(RuntimeError):
-    pass
+class JudgeError(UserError, RuntimeError):
+    """The judge endpoint did not answer usably (URL, model name, key or server): a setup problem."""
 
 
 class JudgeClient:
@@ -59,7 +60,7 @@ class JudgeClient:
     def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 60.0,
                  retries: int = 2, temperature: float = 0.0):
         if not base_url or not model:
-            raise ValueError('judge needs base_url and model (or VIQ_JUDGE_BASE_URL / VIQ_JUDGE_MODEL)')
+            raise ConfigError('judge needs base_url and model (or VIQ_JUDGE_BASE_URL / VIQ_JUDGE_MODEL)')
         self.url = base_url.rstrip('/') + '/chat/completions'
         self.model = model
         self.api_key = api_key

@@ -13,13 +13,12 @@ at every '<image k>' and the k-th image placed there.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from data.chat import MCQ_INSTRUCTION, VQA_SUFFIX
 from eval.metrics.choice import build_choices, is_missing
-
-VQA_SUFFIX = '\nAnswer the question using a single word or phrase.'
-MCQ_INSTRUCTION = 'Please select the correct answer from the options above. \n'
+from viq.errors import DataError
+from viq.io import atomic_path
 
 
 def image_values(record: dict, image_dir=None) -> list:
@@ -40,10 +39,9 @@ def image_values(record: dict, image_dir=None) -> list:
     paths = []
     for ref, name in zip(refs, names):
         path = image_dir / name
-        if not path.is_file():  # written beside, then renamed: a killed run never leaves half a JPEG
-            partial = path.with_name(path.name + '.partial')
-            ref.load().save(partial, format='JPEG')
-            os.replace(partial, path)
+        if not path.is_file():  # written atomically: a killed run never leaves half a JPEG
+            with atomic_path(path) as partial:
+                ref.load().save(partial, format='JPEG')
         paths.append(str(path))
     return paths
 
@@ -83,7 +81,7 @@ def interleave_images(msgs: list[dict], source: str = 'record') -> list[dict]:
     images = [m['value'] for m in msgs if m['type'] == 'image']
     texts = [m['value'] for m in msgs if m['type'] == 'text']
     if len(texts) != 1:
-        raise ValueError(f'{source}: expected one text message, got {len(texts)}')
+        raise ValueError(f'{source}: expected one text message, got {len(texts)}')  # built by build_prompt: a bug
     pieces = texts[0].split('<image ')
     if len(pieces) == 1:
         return msgs
@@ -91,10 +89,10 @@ def interleave_images(msgs: list[dict], source: str = 'record') -> list[dict]:
     for piece in pieces[1:]:
         # Upstream reads a single digit followed by '>' (MMMU has at most 7 images).
         if len(piece) < 2 or not piece[0].isdigit() or piece[1] != '>':
-            raise ValueError(f"{source}: '<image {piece[:10]}' is not an '<image k>' marker with k in 1..9")
+            raise DataError(f"{source}: '<image {piece[:10]}' is not an '<image k>' marker with k in 1..9")
         k = int(piece[0])
         if not 1 <= k <= len(images):
-            raise ValueError(f'{source}: text refers to <image {k}> but the row has {len(images)} image(s)')
+            raise DataError(f'{source}: text refers to <image {k}> but the row has {len(images)} image(s)')
         out.append({'type': 'image', 'value': images[k - 1]})
         out.append({'type': 'text', 'value': piece[2:]})
     return out

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from eval.benchmarks import PAPER_BENCHMARKS, ChoiceBenchmark, get_benchmark
 from eval.benchmarks.simplevqa import EXACT_MATCH_FALLBACK
+from viq.io import atomic_write
 
 DISPLAY_NAMES = {
     'MMStar': 'MMStar', 'MMMU_DEV_VAL': 'MMMU', 'SimpleVQA': 'SimpleVQA', 'InfoVQA_VAL': 'InfoVQA',
@@ -116,9 +117,9 @@ def write_report(results: dict, out_dir, name: str = 'report') -> tuple[Path, Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {'benchmarks': ordered_benchmarks(results), 'summary': summary(results), 'aggregates': results}
     json_path = out_dir / f'{name}.json'
-    json_path.write_text(json.dumps(payload, indent=2, ensure_ascii=False, allow_nan=False) + '\n')
+    atomic_write(json_path, json.dumps(payload, indent=2, ensure_ascii=False, allow_nan=False) + '\n')
     markdown = ('## Summary (0-100)\n\n' + summary_markdown(results) + '\n## Per-category results\n\n'
                 + breakdown_markdown(results))
     md_path = out_dir / f'{name}.md'
-    md_path.write_text(markdown)
+    atomic_write(md_path, markdown)
     return json_path, md_path

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -39,11 +40,14 @@ from tqdm import tqdm
 
 from eval.benchmarks import BENCHMARKS, UnknownBenchmarkError, get_benchmark
 from eval.data import DataError, prediction_row
-from eval.generate import (DEFAULT_MAX_NEW_TOKENS, ExportError, MLLMGenerator, check_export_dir, default_device,
-                           model_name_from_path, parse_dtype)
+from eval.generate import DEFAULT_MAX_NEW_TOKENS, MLLMGenerator, check_export_dir, model_name_from_path
 from eval.judge import judge_from_env
 from eval.report import write_report
 from eval.score import score_file
+from viq.dtypes import default_device, parse_dtype
+from viq.errors import ConfigError, MissingFileError, UserError, run_cli
+from viq.io import atomic_write, atomic_write_json, read_json
+from viq.log import setup_logging
 
 PREDICTIONS_SUFFIX = '.predictions.jsonl'
 SETTINGS_FILE = 'generation.json'
@@ -53,8 +57,11 @@ SCORES_FILE = 'scores.json'
 SORT_WINDOW_BATCHES = 8
 
 
-class RunError(ValueError):
-    """Bad input to eval.run; the message is the one line the user sees."""
+logger = logging.getLogger(__name__)
+
+
+class RunError(ConfigError):
+    """Bad arguments to eval.run (or settings that clash with earlier runs); one line to the user."""
 
 
 # --------------------------------------------------------------------------- predictions files
@@ -106,8 +113,8 @@ def read_predictions(path: Path, repair: bool = False) -> tuple[dict[str, dict],
                 if is_last:   # no newline after it: the write was cut short
                     dropped = 1
                     break
-                raise RunError(f'{path}:{number}: malformed predictions line (not a JSON object with index and '
-                               f'prediction); delete the file or pass --overwrite to regenerate it') from None
+                raise DataError(f'{path}:{number}: malformed predictions line (not a JSON object with index and '
+                                f'prediction); delete the file or pass --overwrite to regenerate it') from None
             rows[str(row['index'])] = row
         complete_bytes = end
         offset = end
@@ -122,11 +129,11 @@ def read_predictions(path: Path, repair: bool = False) -> tuple[dict[str, dict],
 
 
 def write_rows_atomically(path: Path, rows: list[dict]) -> None:
-    partial = path.with_name(path.name + '.partial')
-    with open(partial, 'w', encoding='utf-8') as handle:
+    def write(handle):
         for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + '\n')
-    os.replace(partial, path)
+            handle.write((json.dumps(row, ensure_ascii=False) + '\n').encode('utf-8'))
+
+    atomic_write(path, write)
 
 
 # --------------------------------------------------------------------------- distributed
@@ -175,8 +182,8 @@ def select_records(benchmark, data_root, limit: int | None) -> list[dict]:
     for position, record in enumerate(records):
         key = record_key(record)
         if key in seen:
-            raise RunError(f'{benchmark.key}: index {key!r} occurs twice in the data (row {position}); '
-                           f'predictions are keyed by index, which must be unique')
+            raise DataError(f'{benchmark.key}: index {key!r} occurs twice in the data (row {position}); '
+                            f'predictions are keyed by index, which must be unique')
         seen.add(key)
     return records[:limit] if limit is not None else records
 
@@ -217,9 +224,9 @@ def predict_benchmark(generator, benchmark, records: list[dict], model_dir: Path
             messages = [benchmark.build_prompt(record, benchmark_images) for record in chunk]
             try:
                 prompts = generator.prepare(messages)
-            except ValueError as exc:
-                raise RunError(f'{benchmark.key}: cannot build the prompt of index '
-                               f'{chunk[0]["index"]!r}..{chunk[-1]["index"]!r}: {exc}') from None
+            except UserError as exc:   # a bad image or record; any other exception is a bug and keeps its traceback
+                raise DataError(f'{benchmark.key}: cannot build the prompt of index '
+                                f'{chunk[0]["index"]!r}..{chunk[-1]["index"]!r}: {exc}') from None
             for answered in generator.generate_prepared(prompts, max_new_tokens, batch_size):
                 for position, answer in answered:
                     row = _jsonable(prediction_row(chunk[position], answer))
@@ -240,8 +247,8 @@ def predict_benchmark(generator, benchmark, records: list[dict], model_dir: Path
                 rows.update(read_predictions(shard)[0])
         missing = [record_key(r) for r in records if record_key(r) not in rows]
         if missing:
-            raise RunError(f'{benchmark.key}: {len(missing)} record(s) have no prediction after the run '
-                           f'(first index {missing[0]!r}); rerun to complete them')
+            raise DataError(f'{benchmark.key}: {len(missing)} record(s) have no prediction after the run '
+                            f'(first index {missing[0]!r}); rerun to complete them')
         # Data order, selected records only: a resumed run ends with the same bytes as a clean one.
         write_rows_atomically(final, [rows[record_key(r)] for r in records])
         if sharded:
@@ -261,18 +268,18 @@ def collect_scores(out: Path) -> dict:
     results = {}
     for scores in sorted(out.glob(f'*/{SCORES_FILE}')):
         try:
-            results[scores.parent.name] = json.loads(scores.read_text())
-        except json.JSONDecodeError as exc:
-            raise RunError(f'{scores}: invalid JSON ({exc.msg}); delete it to rebuild the report') from None
+            results[scores.parent.name] = read_json(scores)
+        except DataError as exc:
+            raise DataError(f'{exc}; delete it to rebuild the report') from None
     return results
 
 
 def score_and_report(keys: list[str], model_dir: Path, out: Path, data_root, judge) -> dict:
     scores_path = model_dir / SCORES_FILE
-    scores = json.loads(scores_path.read_text()) if scores_path.is_file() else {}
+    scores = read_json(scores_path) if scores_path.is_file() else {}
     for key in keys:
         scores[key] = score_file(key, model_dir / f'{key}{PREDICTIONS_SUFFIX}', data_root, judge)
-    scores_path.write_text(json.dumps(scores, indent=2, ensure_ascii=False, allow_nan=False) + '\n')
+    atomic_write(scores_path, json.dumps(scores, indent=2, ensure_ascii=False, allow_nan=False) + '\n')
     json_path, md_path = write_report(collect_scores(out), out)
     return {'scores': {k: scores[k] for k in keys}, 'report_json': str(json_path), 'report_md': str(md_path)}
 
@@ -286,7 +293,7 @@ def parse_benchmarks(text: str) -> list[str]:
         raise RunError(f"--benchmarks is empty; give comma-separated keys from: {', '.join(BENCHMARKS)}")
     for key in keys:
         if key not in BENCHMARKS:
-            raise RunError(str(UnknownBenchmarkError(f'unknown benchmark {key!r}; valid keys: {", ".join(BENCHMARKS)}')))
+            raise UnknownBenchmarkError(f'unknown benchmark {key!r}; valid keys: {", ".join(BENCHMARKS)}')
     if len(set(keys)) != len(keys):
         raise RunError(f'--benchmarks lists a key twice: {text}')
     return keys
@@ -300,7 +307,7 @@ def check_settings(model_dir: Path, settings: dict, overwrite: bool, keys: list[
             for stale in [model_dir / f'{key}{PREDICTIONS_SUFFIX}', *model_dir.glob(f'{key}.rank*.jsonl')]:
                 stale.unlink(missing_ok=True)
     elif path.is_file():
-        previous = json.loads(path.read_text())
+        previous = read_json(path)
         changed = sorted(k for k in settings if k in previous and previous[k] != settings[k])
         has_predictions = any((model_dir / f'{k}{PREDICTIONS_SUFFIX}').exists()
                               or any(model_dir.glob(f'{k}.rank*.jsonl')) for k in keys)
@@ -308,7 +315,7 @@ def check_settings(model_dir: Path, settings: dict, overwrite: bool, keys: list[
             name = changed[0]
             raise RunError(f'{path}: existing predictions were generated with {name}={previous[name]!r}, this run '
                            f'asks for {settings[name]!r}; pass --overwrite or choose another --out / --model-name')
-    path.write_text(json.dumps(settings, indent=2) + '\n')
+    atomic_write_json(path, settings, indent=2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,14 +349,11 @@ def run(args) -> dict:
             raise RunError(f'{name} must be >= {low}, got {value}')
     data_root = Path(args.data_root)
     if not data_root.is_dir():
-        raise RunError(f'--data-root {data_root}: directory not found (it should hold <KEY>.tsv files)')
+        raise MissingFileError(f'--data-root {data_root}: directory not found (it should hold <KEY>.tsv files)')
     benchmarks = {key: get_benchmark(key) for key in keys}
     for benchmark in benchmarks.values():
         benchmark.data_path(data_root)   # a missing file fails now, naming the paths, not after model loading
-    try:
-        check_export_dir(args.model)
-    except ExportError as exc:
-        raise RunError(str(exc)) from None
+    check_export_dir(args.model)
 
     ranks = Ranks(args.device or default_device())
     device = args.device or default_device()
@@ -372,14 +376,13 @@ def run(args) -> dict:
     for key, benchmark in benchmarks.items():
         records = select_records(benchmark, data_root, args.limit)
         if not records:
-            raise RunError(f'{benchmark.data_path(data_root)}: no records to evaluate')
+            raise DataError(f'{benchmark.data_path(data_root)}: no records to evaluate')
         counts[key] = predict_benchmark(generator, benchmark, records, model_dir, ranks, batch_size=args.batch_size,
                                         max_new_tokens=args.max_new_tokens, image_dir=image_dir)
         if ranks.rank == 0:
             c = counts[key]
-            print(f"{key}: {c['records']} records, {c['reused']} reused, {c['generated']} generated"
-                  + (f", {c['dropped_partial_lines']} partial line(s) dropped" if c['dropped_partial_lines'] else ''),
-                  file=sys.stderr)
+            logger.info(f"{key}: {c['records']} records, {c['reused']} reused, {c['generated']} generated"
+                        + (f", {c['dropped_partial_lines']} partial line(s) dropped" if c['dropped_partial_lines'] else ''))
     summary = {'model': model_name, 'benchmarks': counts}
     if ranks.rank == 0:
         judge = judge_from_env(args.judge_base_url, args.judge_model)
@@ -390,16 +393,21 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
+    """Bad input is one line on stderr and exit status 2 (as documented in docs/eval.md); a bug keeps
+    its traceback. stdout carries only the JSON summary, so log lines go to stderr."""
     args = build_parser().parse_args(argv)
-    try:
+    rank = int(os.environ.get('RANK', 0))
+
+    def body() -> int:
         summary = run(args)
-    except (RunError, DataError, UnknownBenchmarkError) as exc:
-        print(f'error: {exc}', file=sys.stderr)
-        return 2
-    if int(os.environ.get('RANK', 0)) == 0:
-        print(json.dumps(summary, ensure_ascii=False))
-    return 0
+        if rank == 0:
+            print(json.dumps(summary, ensure_ascii=False))
+        return 0
+
+    return run_cli(body, 'eval.run', exit_code=2)
 
 
 if __name__ == '__main__':
+    # Here, not in main(): a caller that runs main() in its own process keeps its logging set-up.
+    setup_logging(int(os.environ.get('RANK', 0)), stream=sys.stderr)
     sys.exit(main())

@@ -15,8 +15,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from viq.errors import ConfigError, run_cli  # noqa: E402
+from viq.io import atomic_write  # noqa: E402
+from viq.log import setup_logging  # noqa: E402
 
-def main(argv=None) -> dict:
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the JSON report here as well")
     parser.add_argument("--n-samples", type=int, default=50_000, help="samples in the packing length mix")
@@ -24,6 +28,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--buffer-size", type=int, default=2048, help="loader buffer (samples per rank)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    setup_logging(stream=sys.stderr)  # stdout is the JSON report
+    for flag, value in (("--n-samples", args.n_samples), ("--n-images", args.n_images), ("--buffer-size", args.buffer_size)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
     from mllm.bench.data_path import run_data_benchmark
 
     report = run_data_benchmark(args.n_samples, args.n_images, args.buffer_size, args.seed)
@@ -31,9 +39,9 @@ def main(argv=None) -> dict:
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    return report
+        atomic_write(args.out, text + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

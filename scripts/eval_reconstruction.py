@@ -17,8 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from viq.errors import run_cli  # noqa: E402
+from viq.log import setup_logging  # noqa: E402
 
-def main():
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", required=True, help="saved ViQ directory holding decoder/")
     ap.add_argument("--images", required=True, help="folder of images (searched recursively)")
@@ -34,22 +37,18 @@ def main():
                     help="feed the crop at N*28 px (N x N tokens); 0 lets the tokenizer's resize policy choose")
     ap.add_argument("--device", default=None, help="default: cpu")
     args = ap.parse_args()
+    setup_logging(stream=sys.stderr)  # stdout is the JSON result
 
-    from eval.reconstruction import ReconstructionError, evaluate_reconstruction
-    from viq.config import ConfigError
-    from viq.image import ImageInputError
+    from eval.reconstruction import evaluate_reconstruction
 
-    try:
-        result = evaluate_reconstruction(
-            args.tokenizer, args.images, out_dir=args.out, limit=args.limit, batch=args.batch,
-            fid_weights=args.fid_weights, compute_fid=not args.no_fid, image_size=args.image_size,
-            tokens_per_side=args.tokens_per_side or None, device=args.device,
-        )
-    except (ReconstructionError, ConfigError, ImageInputError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    result = evaluate_reconstruction(
+        args.tokenizer, args.images, out_dir=args.out, limit=args.limit, batch=args.batch,
+        fid_weights=args.fid_weights, compute_fid=not args.no_fid, image_size=args.image_size,
+        tokens_per_side=args.tokens_per_side or None, device=args.device,
+    )
     print(json.dumps(result, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, exit_code=2))  # exit 2 on bad input, as docs/reconstruction.md documents

@@ -17,8 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from viq.errors import run_cli  # noqa: E402
+from viq.log import setup_logging  # noqa: E402
 
-def main():
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", help="ViQ preset (viq-tiny, viq-1.3b) or a saved ViQ directory")
     ap.add_argument("--data", help="conversations file: JSON / JSONL / parquet / HF datasets dir")
@@ -33,40 +36,36 @@ def main():
     ap.add_argument("--verify", action="store_true", help="re-read every shard and record, report problems")
     ap.add_argument("--merge", action="store_true", help="only build the manifest from all ranks' shards")
     args = ap.parse_args()
+    setup_logging(args.rank, stream=sys.stderr)  # stdout carries the results
 
-    from data.shards import ShardError, merge_manifests, verify
-    from viq.config import ConfigError
-    from viq.image import ImageInputError
+    from data.shards import merge_manifests, verify
 
-    try:
-        if args.verify:
-            report = verify(args.out)
-            print(json.dumps(report, indent=2))
-            sys.exit(0 if report["ok"] else 1)
-        if args.merge:
-            manifest = merge_manifests(args.out)
-            print(json.dumps({"shards": len(manifest["shards"]), "records": manifest["n_records"]}))
-            return
-        if not args.tokenizer or not args.data:
-            ap.error("--tokenizer and --data are required unless --verify or --merge is given")
-        import torch
+    if args.verify:
+        report = verify(args.out)
+        print(json.dumps(report, indent=2))
+        return 0 if report["ok"] else 1
+    if args.merge:
+        manifest = merge_manifests(args.out)
+        print(json.dumps({"shards": len(manifest["shards"]), "records": manifest["n_records"]}))
+        return 0
+    if not args.tokenizer or not args.data:
+        ap.error("--tokenizer and --data are required unless --verify or --merge is given")
 
-        from data.extract import extract_file
-        from viq import ViQModel
+    from data.extract import extract_file
+    from viq import ViQModel
+    from viq.dtypes import default_device, parse_dtype
 
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
-        model = ViQModel.from_pretrained(args.tokenizer, device=device, dtype=dtype)
-        summary = extract_file(
-            model, args.tokenizer, args.data, args.out, image_root=args.image_root, rank=args.rank,
-            world_size=args.world_size, batch_images=args.batch_images, on_error=args.on_error,
-        )
-    except (ShardError, ConfigError, ImageInputError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"extract_codes: error: {e}")
+    device = args.device or default_device()
+    model = ViQModel.from_pretrained(args.tokenizer, device=device, dtype=parse_dtype(args.dtype, device))
+    summary = extract_file(
+        model, args.tokenizer, args.data, args.out, image_root=args.image_root, rank=args.rank,
+        world_size=args.world_size, batch_images=args.batch_images, on_error=args.on_error,
+    )
     print(f"{summary['images_encoded']} images encoded at {summary['images_per_s']:.1f} images/s; "
           f"compression ratio {summary['compression_ratio'] or 0:.0f}x; {summary['images_skipped']} skipped")
     print(json.dumps(summary, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

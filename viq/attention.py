@@ -16,6 +16,8 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError
+
 
 def _segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
@@ -110,7 +112,7 @@ BACKENDS = {"sdpa": sdpa_varlen, "flex": flex_varlen, "flash": flash_varlen}
 
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     if name not in ("auto", *BACKENDS):
-        raise ValueError(f"unknown attention backend '{name}'; valid: auto, {', '.join(BACKENDS)}")
+        raise ConfigError(f"unknown attention backend '{name}' (viq.attn_backend); valid: auto, {', '.join(BACKENDS)}")
     if name != "auto":
         return name
     if device.type == "cuda":

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-from viq.errors import ConfigError  # noqa: F401 - re-exported: the name callers import from here
+from viq.errors import ConfigError, DataError  # noqa: F401 - ConfigError re-exported: the name callers import from here
+from viq.io import read_json
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -102,11 +103,10 @@ def read_json_config(path: str, missing_hint: str) -> dict:
 
     if not os.path.isfile(path):
         raise ConfigError(missing_hint)
-    with open(path) as fh:
-        try:
-            raw = json.load(fh)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: invalid JSON ({e})") from None
+    try:
+        raw = read_json(path, what="config file")
+    except DataError as e:  # a damaged config is reported as a config problem, with file:line:column
+        raise ConfigError(str(e)) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     raw.pop("model_type", None)

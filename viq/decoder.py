@@ -17,7 +17,6 @@ the VAE's posterior, as latent-diffusion models use them.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
@@ -31,7 +30,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ConfigError, from_dict, read_json_config
+from .errors import CheckpointError, MissingDependencyError
 from .image import IMAGE_MEAN, IMAGE_STD, load_image, target_size
+from .io import atomic_path, atomic_write_json
 
 VAE_DOWNSAMPLE = 8
 VAE_TOKEN_PIXELS = 32  # one token's side in the VAE's input image
@@ -46,7 +47,7 @@ def _autoencoder_kl():
     try:
         from diffusers import AutoencoderKL
     except ImportError:
-        raise ImportError("the ViQ decoder needs diffusers: pip install -e '.[recon]'") from None
+        raise MissingDependencyError("the ViQ decoder needs diffusers: pip install -e '.[recon]'") from None
     return AutoencoderKL
 
 
@@ -230,12 +231,11 @@ class ViQDecoder(nn.Module):
         os.makedirs(folder, exist_ok=True)
         self.vae.save_pretrained(os.path.join(folder, VAE_DIR))
         state = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
-        tmp = os.path.join(folder, HEAD_WEIGHTS + ".tmp")
-        save_file(state, tmp, metadata={"format": "pt"})
-        os.replace(tmp, os.path.join(folder, HEAD_WEIGHTS))
+        with atomic_path(os.path.join(folder, HEAD_WEIGHTS)) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
         # config.json last: its presence is what marks a complete decoder.
-        with open(os.path.join(folder, DECODER_CONFIG), "w") as fh:
-            json.dump({"model_type": "viq-latent-decoder", **asdict(self.config)}, fh, indent=2)
+        atomic_write_json(os.path.join(folder, DECODER_CONFIG),
+                          {"model_type": "viq-latent-decoder", **asdict(self.config)}, indent=2)
         return folder
 
     @classmethod
@@ -252,10 +252,11 @@ class ViQDecoder(nn.Module):
         decoder = cls(config, vae)
         weights = os.path.join(folder, HEAD_WEIGHTS)
         if not os.path.isfile(weights):
-            raise ConfigError(f"{folder}: missing {HEAD_WEIGHTS}")
+            raise CheckpointError(f"{folder}: missing {HEAD_WEIGHTS}; save the decoder with ViQDecoder.save_pretrained")
         missing, unexpected = decoder.head.load_state_dict(load_file(weights), strict=False)
         if missing or unexpected:
-            raise ConfigError(f"{weights}: missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
+            raise CheckpointError(f"{weights}: missing keys {missing[:3]}, unexpected keys {unexpected[:3]}; "
+                                  f"the weights do not belong to {cfg_file}")
         decoder.eval()
         return decoder.to(device) if device is not None else decoder
 

@@ -38,15 +38,21 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint or export is missing, incomplete or damaged; the message names the file."""
 
 
+class MissingDependencyError(UserError, ImportError):
+    """An optional package a feature needs is not installed; the message names the pip extra."""
+
+
 def one_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def run_cli(main: Callable[[], int | None], program: str | None = None) -> int:
-    """Run an entry point's body: a UserError becomes `program: error: <one line>` and exit 1.
+def run_cli(main: Callable[[], int | None], program: str | None = None, exit_code: int = 1) -> int:
+    """Run an entry point's body: a UserError becomes `program: error: <one line>` and `exit_code`.
 
-    Any other exception propagates with its traceback: it is a bug, not bad input.
+    Any other exception propagates with its traceback: it is a bug, not bad input. `exit_code`
+    is 1 except where a command documented another status for bad input before (eval.run and
+    eval_reconstruction.py exit 2, as argparse does for bad arguments).
     """
     try:
         return int(main() or 0)
@@ -55,4 +61,4 @@ def run_cli(main: Callable[[], int | None], program: str | None = None) -> int:
             raise
         name = program or Path(sys.argv[0]).stem or "viq"
         print(f"{name}: error: {one_line(e)} (VIQ_DEBUG=1 shows the traceback)", file=sys.stderr, flush=True)
-        return 1
+        return exit_code

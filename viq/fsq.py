@@ -18,6 +18,8 @@ import math
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round with a straight-through gradient."""
@@ -29,7 +31,7 @@ class FSQ(nn.Module):
         super().__init__()
         levels = [int(l) for l in levels]
         if not levels or any(l < 2 for l in levels):
-            raise ValueError(f"FSQ levels must all be >= 2, got {levels}")
+            raise ConfigError(f"FSQ levels must all be >= 2, got {levels}")
         self.levels = levels
         self.dim = len(levels)
         self.codebook_size = math.prod(levels)

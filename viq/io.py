@@ -1,4 +1,4 @@
-"""File I/O every layer shares: atomic writes and JSON / JSON Lines reads with file:line errors.
+"""File I/O every layer shares: atomic writes and JSON / JSON Lines / YAML reads with file:line errors.
 
 An atomic write goes to a temporary file in the target's folder, is flushed and fsynced,
 replaces the target with `os.replace`, and then the folder itself is fsynced so that the
@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from viq.errors import DataError, MissingFileError
+from viq.errors import ConfigError, DataError, MissingFileError
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -115,3 +115,15 @@ def read_jsonl_objects(path: str | os.PathLike, *, what: str = "JSON Lines file"
             raise DataError(f"{path}:{number}: expected a JSON object, got {type(value).__name__}")
         rows.append((number, value))
     return rows
+
+
+def read_yaml(path: str | os.PathLike, *, what: str = "YAML file"):
+    """The parsed YAML of a config-like file (empty file: None); a syntax error names `file:line`."""
+    import yaml
+
+    try:
+        return yaml.safe_load(read_text(path, what=what))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', None) or e})") from None

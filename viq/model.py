@@ -10,7 +10,6 @@ sub-codes are ordered (0,0), (0,1), (1,0), (1,1) within the token's 2x2 block.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -21,8 +20,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ConfigError, from_dict, read_json_config
+from .errors import CheckpointError
 from .fsq import codebook_stats
 from .image import ResizePolicy, describe, preprocess, token_grid
+from .io import atomic_path, atomic_write_json
 from .quantizer import ProximalQuantizer
 from .vit import AnyResViT
 
@@ -59,6 +60,11 @@ class ViQConfig:
             raise ConfigError(f"viq.oversize must be 'resize' or 'error', got '{self.oversize}'")
         if self.width % self.heads or (self.width // self.heads) % 4:
             raise ConfigError(f"viq.width {self.width} / heads {self.heads} must give a head dim divisible by 4")
+        if self.quant_dim % self.quant_heads or (self.quant_dim // self.quant_heads) % 4:
+            raise ConfigError(f"viq.quant_dim {self.quant_dim} / quant_heads {self.quant_heads} must give a head dim "
+                              "divisible by 4")
+        if not self.levels or any(int(level) < 2 for level in self.levels):
+            raise ConfigError(f"viq.levels must all be >= 2, got {list(self.levels)}")
 
     @property
     def codebook_size(self) -> int:
@@ -133,11 +139,12 @@ class ViQModel(nn.Module):
                 model = cls(config)
             weights = os.path.join(path, WEIGHTS_NAME)
             if not os.path.isfile(weights):
-                raise ConfigError(f"{path}: missing {WEIGHTS_NAME}")
+                raise CheckpointError(f"{path}: missing {WEIGHTS_NAME}; save the tokenizer with ViQModel.save_pretrained")
             state = load_file(weights)
             missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
             if missing or unexpected:
-                raise ConfigError(f"{weights}: missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
+                raise CheckpointError(f"{weights}: missing keys {missing[:3]}, unexpected keys {unexpected[:3]}; "
+                                      f"the weights do not belong to {os.path.join(path, CONFIG_NAME)}")
             model._rebuild_buffers()
         elif path in VIQ_PRESETS:
             model = cls.from_config(get_preset(path))
@@ -157,13 +164,12 @@ class ViQModel(nn.Module):
         self.quantizer.fsq = FSQ(self.config.levels)
 
     def save_pretrained(self, path: str | os.PathLike):
+        """Weights, then config.json, each written atomically: a crash leaves the previous files."""
         os.makedirs(path, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = os.path.join(path, WEIGHTS_NAME + ".tmp")
-        save_file(state, tmp, metadata={"format": "pt"})
-        os.replace(tmp, os.path.join(path, WEIGHTS_NAME))
-        with open(os.path.join(path, CONFIG_NAME), "w") as fh:
-            json.dump({"model_type": "viq", **self.config.to_dict()}, fh, indent=2)
+        with atomic_path(os.path.join(path, WEIGHTS_NAME)) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        atomic_write_json(os.path.join(path, CONFIG_NAME), {"model_type": "viq", **self.config.to_dict()}, indent=2)
 
     # ---- forward passes -------------------------------------------------------------
     def preprocess(self, images: list[Any], names: list[str] | None = None) -> list[torch.Tensor]:

@@ -12,6 +12,7 @@ from eval.benchmarks.ocrbench import OCRBench
 from eval.benchmarks.simplevqa import SimpleVQA
 from eval.benchmarks.synthetic import SynthChart, SynthDoc, SynthShapes
 from eval.benchmarks.textvqa import TextVQA
+from viq.errors import ConfigError
 
 BENCHMARKS: dict[str, type[Benchmark]] = {
     'MMStar': MMStar,
@@ -37,8 +38,10 @@ PAPER_BENCHMARKS = ('MMStar', 'MMMU_DEV_VAL', 'SimpleVQA', 'InfoVQA_VAL', 'TextV
                     'OCRBench', 'AI2D_TEST', 'ChartQA_TEST')
 
 
-class UnknownBenchmarkError(KeyError):
-    def __str__(self):
+class UnknownBenchmarkError(ConfigError, KeyError):
+    """A benchmark key that is not in BENCHMARKS; still a KeyError for callers that catch lookups."""
+
+    def __str__(self):   # KeyError would quote the message
         return str(self.args[0])
 
 

@@ -90,7 +90,7 @@ def test_missing_data_file_lists_where_it_looked(tmp_path):
 def test_malformed_jsonl_line_names_file_and_line(tmp_path):
     path = tmp_path / 'p.jsonl'
     path.write_text('{"index": 1, "prediction": "a"}\n{"index": 2, "prediction": \n')
-    with pytest.raises(DataError, match=rf'^{path}:2: malformed JSON line'):
+    with pytest.raises(DataError, match=rf'^{path}:2: invalid JSON'):
         read_jsonl_rows(path)
     path.write_text('[1, 2]\n')
     with pytest.raises(DataError, match=rf'^{path}:1: expected a JSON object, got list'):

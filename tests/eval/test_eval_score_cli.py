@@ -84,7 +84,7 @@ def test_malformed_jsonl_line(tmp_path):
     predictions.write_text('{"index": 1, "answer": "a", "prediction": "a"}\n\n{"index": 2, answer}\n')
     done = run_score('--benchmark', 'TextVQA_VAL', '--predictions', predictions)
     assert done.returncode == 2
-    assert done.stderr.startswith(f'error: {predictions}:3: malformed JSON line')
+    assert done.stderr.startswith(f'error: {predictions}:3: invalid JSON')
 
 
 def test_unknown_benchmark_lists_keys(tmp_path):

@@ -14,21 +14,19 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.fid_inception import (
-    InceptionFeatures,
-    default_fid_weights,
-    load_inception_weights,
-    map_torchscript_inception,
-    tf1_bilinear_matrix,
-)
 from eval.reconstruction import (
     PSNR_CAP_DB,
+    InceptionFeatures,
     ReconstructionError,
     center_crop_adm,
+    default_fid_weights,
     frechet_distance,
+    load_inception_weights,
+    map_torchscript_inception,
     mean_psnr,
     psnr,
     ssim,
+    tf1_bilinear_matrix,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -279,7 +277,9 @@ def test_eval_reconstruction_one_line_errors(tokenizer_with_decoder, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "has no decoder (missing decoder/config.json)" in proc.stderr
     proc = _run("--tokenizer", root / "viq", "--images", tmp_path, "--no-fid")
-    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {tmp_path}: no images (.png, .jpg, .jpeg, .bmp, .webp, .tif, .tiff) found"
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"eval_reconstruction: error: {tmp_path}: no images (.png, .jpg, .jpeg, .bmp, .webp, .tif, .tiff) found "
+        "(VIQ_DEBUG=1 shows the traceback)")
     proc = _run("--tokenizer", root / "viq", "--images", root / "images", "--limit", 2, "--no-fid",
                 "--image-size", 32, "--tokens-per-side", 2)
     assert proc.returncode == 0, proc.stderr

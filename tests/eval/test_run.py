@@ -15,7 +15,8 @@ from data.synthetic import make_synthetic_dataset
 from data.tokenizer import build_tokenizer
 from eval.benchmarks import BENCHMARKS, get_benchmark
 from eval.generate import MLLMGenerator, human_turn, model_name_from_path
-from eval.run import RunError, main, read_predictions
+from eval.data import DataError
+from eval.run import main, read_predictions
 from eval.score import score_file
 from mllm.export import save_export
 from mllm.model import build_mllm
@@ -209,7 +210,7 @@ def test_partial_last_line_is_dropped_and_the_file_repaired(tmp_path):
 def test_malformed_line_inside_the_file_is_an_error(tmp_path):
     path = tmp_path / 'X.predictions.jsonl'
     path.write_text('{"index": 1, "prediction": "a"}\nnot json\n{"index": 3, "prediction": "c"}\n')
-    with pytest.raises(RunError, match=r'X\.predictions\.jsonl:2: malformed predictions line'):
+    with pytest.raises(DataError, match=r'X\.predictions\.jsonl:2: malformed predictions line'):
         read_predictions(path)
 
 
@@ -217,10 +218,24 @@ def test_malformed_line_inside_the_file_is_an_error(tmp_path):
 
 
 def cli_error(capsys, *args) -> str:
+    """The message of a bad-input run: exit 2, nothing on stdout, one line on stderr, no traceback."""
     assert main(list(args)) == 2
     captured = capsys.readouterr()
     assert captured.out == '' and captured.err.count('\n') == 1
-    return captured.err.strip()
+    line = captured.err.strip()
+    prefix, suffix = 'eval.run: ', ' (VIQ_DEBUG=1 shows the traceback)'
+    assert line.startswith(prefix) and line.endswith(suffix), line
+    return line[len(prefix):-len(suffix)]
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
+    """Only project errors become one line: anything else is a bug and must show where it happened."""
+    import eval.run
+
+    monkeypatch.setattr(eval.run, 'run', lambda args: {}['no such key'])
+    with pytest.raises(KeyError, match='no such key'):
+        main(['--model', str(tmp_path), '--benchmarks', 'SYNTH_CHART', '--data-root', str(tmp_path),
+              '--out', str(tmp_path)])
 
 
 def test_unknown_benchmark_lists_the_valid_keys(setup, capsys, tmp_path):

@@ -22,27 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eval.reconstruction.metrics import ReconstructionError, to_unit_float64
+
 INCEPTION_SIZE = 299
 FID_FEATURE_DIM = 2048
-
-
-class ReconstructionError(ValueError):
-    """Bad input to the reconstruction evaluation (images, weights); the message names it."""
-
-
-def to_unit_float64(image: Any, label: str = "image") -> torch.Tensor:
-    """uint8 tensor [3, H, W] (channel-first) or uint8 array [H, W, 3] -> float64 [3, H, W] in [0, 1]."""
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-            raise ReconstructionError(f"{label}: expected a uint8 array [H, W, 3], got {image.dtype} {image.shape}")
-        t = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)
-    elif isinstance(image, torch.Tensor):
-        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
-            raise ReconstructionError(f"{label}: expected a uint8 tensor [3, H, W], got {image.dtype} {tuple(image.shape)}")
-        t = image.detach().cpu()
-    else:
-        raise ReconstructionError(f"{label}: expected a uint8 tensor or array, got {type(image).__name__}")
-    return t.to(torch.float64) / 255.0
 
 
 # ---- FID Inception (TF-Inception-v3, torch-fidelity `inception-v3-compat` layout) ---------------
