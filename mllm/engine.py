@@ -127,6 +127,33 @@ def construction_context(ds_config: dict):
     return contextlib.nullcontext()
 
 
+def model_state_bytes(engine) -> dict[str, int]:
+    """Bytes DeepSpeed holds for the model on this rank between steps: "parameters" (the local
+    shard under ZeRO-3, whole parameters otherwise) and "optimizer" (the fp32 master partition
+    and Adam's moments). Each storage is counted once, so flat buffers are not double-counted."""
+    seen: dict[int, tuple[str, int]] = {}
+
+    def add(kind: str, t) -> None:
+        if torch.is_tensor(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() and storage.data_ptr() not in seen:
+                seen[storage.data_ptr()] = (kind, storage.nbytes())
+
+    for p in engine.module.parameters():
+        add("parameters", p.data)
+        add("parameters", getattr(p, "ds_tensor", None))
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for group in inner.param_groups:
+        for p in group["params"]:
+            add("optimizer", p.data)
+            for value in inner.state.get(p, {}).values():
+                add("optimizer", value)
+    out = {"parameters": 0, "optimizer": 0}
+    for kind, nbytes in seen.values():
+        out[kind] += nbytes
+    return out
+
+
 # ---- DeepSpeed config ---------------------------------------------------------------------
 def load_ds_config(cfg, use_bf16: bool) -> dict:
     """Read the ZeRO JSON (trainer.deepspeed_config or configs/deepspeed/zero<stage>.json) and

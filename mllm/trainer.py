@@ -53,6 +53,7 @@ from mllm.engine import (
     init_distributed,
     initialize_engine,
     load_ds_config,
+    model_state_bytes,
 )
 from mllm.export import save_export
 from mllm.hardware import gpu_peak_flops
@@ -181,6 +182,7 @@ class Trainer:
         parameters, so that no rank ever holds the whole model.
         """
         c = self.cfg.model
+        self.memory_plan = self._plan_memory()
         features = None
         if c.vocab_init == "codebook":
             features = self.viq.codebook_vectors()
@@ -195,6 +197,31 @@ class Trainer:
             if self.cfg.optim.code_embedding_lr > 0:  # own tensors for the code rows, so they get their own LR
                 model.split_code_rows()
         return model
+
+    def _plan_memory(self):
+        """The planner's per-GPU memory estimate for this run (scripts/plan_run.py), logged at start."""
+        from mllm.planner import estimate_memory, format_memory
+
+        plan = estimate_memory(self.cfg, self.world, dtype_bytes=self.dtype.itemsize,
+                               kind=None if self.device.type == "cuda" else "cpu")
+        log.info(f"memory plan: {format_memory(plan)}")
+        return plan
+
+    def _record_memory(self) -> None:
+        """runs/<name>/memory.json after the first step: the plan beside what was measured (rank 0's)."""
+        plan = getattr(self, "memory_plan", None)
+        if plan is None:
+            return
+        measured = {k: v for k, v in model_state_bytes(self.engine).items()}
+        record = {"planned": plan.terms, "planned_peak": plan.peak, "planned_states": plan.states(),
+                  "measured_states": measured["parameters"] + measured["optimizer"], "measured": measured,
+                  "world_size": self.world, "zero_stage": self.ds_config["zero_optimization"]["stage"]}
+        if self.device.type == "cuda":
+            record["measured_peak_allocated"] = torch.cuda.max_memory_allocated(self.device)
+        if self.is_main:
+            (self.run_dir / "memory.json").write_text(json.dumps(record, indent=1) + "\n")
+        log.info(f"memory after step 1: model states {record['measured_states'] / 2**30:.3f} GiB measured, "
+                 f"{record['planned_states'] / 2**30:.3f} GiB planned")
 
     def configure_trainable(self, model) -> dict:
         """Hook: freeze what must not train (config `freeze`); returns {part or kind: count} for the log."""
@@ -307,6 +334,8 @@ class Trainer:
             micro = [next(self.batches) for _ in range(t.grad_accum)]
             m = self.train_step(micro)
             self.step += 1
+            if self.step == 1:
+                self._record_memory()
             self.after_step(m)
             self.totals["tokens"] += int(m["tokens"])
             self.totals["samples"] += int(m["samples"])
