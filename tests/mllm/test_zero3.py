@@ -93,6 +93,11 @@ def test_zero3_run_built_partitioned_equals_zero2_through_save_resume_and_export
     for key, want in z2.items():
         assert z3[key].shape == want.shape and z3[key].dtype == want.dtype, key
         assert float((z3[key] - want).abs().max()) <= 1e-5 * max(1.0, float(want.abs().max())), key
+    # the planner's model-state bytes (parameters + optimizer state) against what DeepSpeed holds
+    # on rank 0 after step 1: the whole model under ZeRO-2, a half shard under ZeRO-3
+    for r in (zero2_run, run):
+        memory = json.loads((r / "memory.json").read_text())
+        assert abs(memory["measured_states"] / memory["planned_states"] - 1) <= 0.15, memory
     from mllm.export import load_export
 
     model, _, vocab = load_export(run / "hf")
