@@ -4,6 +4,11 @@ With `data.train` empty the trainer uses the synthetic demo set under `data.root
 generating it when it is missing. In `codes` mode the code cache (`vision.codes_dir`,
 default `<data.root>/codes-<viq>`) is extracted first when absent (rank 0 extracts, the
 others wait), then opened with the settings it must match.
+
+Several nodes: global rank 0 prepares first; then the local rank 0 of any node that still does
+not see the result (a node-local disk, e.g. a relative path under each node's working
+directory) prepares its own copy, the same bytes. On a shared filesystem the second round finds
+everything in place and does nothing.
 """
 from __future__ import annotations
 
@@ -45,17 +50,33 @@ def load_training_records(cfg, seed: int):
     return load_records(path, image_root), image_root
 
 
-def prepare_training_data(cfg, viq_cfg, *, rank: int, barrier, get_viq, log=logger.info):
-    """(records, image_root, code_store or None) with everything generated/extracted as needed."""
-    # Rank 0 creates what is missing; every rank then meets at the barrier unconditionally: a
-    # rank that checked after rank 0 had finished would otherwise skip it and deadlock the rest.
+def _on_every_disk(make, missing, *, rank: int, local_rank: int, barrier) -> None:
+    """`make()` where `missing()`: global rank 0 first, then local rank 0 of each node that still
+    misses it (node-local disks). Every rank meets at both barriers unconditionally: a rank that
+    checked after another had finished would otherwise skip a barrier and deadlock the rest."""
+    if rank == 0 and missing():
+        make()
+    barrier()
+    if local_rank == 0 and rank != 0 and missing():
+        make()
+    barrier()
+
+
+def prepare_training_data(cfg, viq_cfg, *, rank: int, barrier, get_viq, log=logger.info, local_rank: int | None = None):
+    """(records, image_root, code_store or None) with everything generated/extracted as needed.
+
+    `local_rank`: this process's rank on its node (default: `rank`, one node)."""
+    local_rank = rank if local_rank is None else local_rank
     path = train_path(cfg)
-    if rank == 0 and not cfg.data.train and not path.exists():
+
+    def make_demo_data():
         from data.synthetic import make_synthetic_dataset
 
         log(f"generating the synthetic demo data set ({cfg.data.synthetic_n} samples) in {cfg.data.root}")
         make_synthetic_dataset(cfg.data.root, cfg.data.synthetic_n, seed=cfg.trainer.seed)
-    barrier()
+
+    _on_every_disk(make_demo_data, lambda: not cfg.data.train and not path.exists(),
+                   rank=rank, local_rank=local_rank, barrier=barrier)
     if not path.exists():
         raise MissingFileError(f"data.train: {path} does not exist")
     records, image_root = load_training_records(cfg, cfg.trainer.seed)
@@ -63,12 +84,15 @@ def prepare_training_data(cfg, viq_cfg, *, rank: int, barrier, get_viq, log=logg
         return records, image_root, None
     codes_dir = default_codes_dir(cfg)
     manifest = codes_dir / "manifest.json"
-    if rank == 0 and cfg.vision.extract_if_missing and not manifest.exists():
-        log(f"extracting codes with {cfg.model.viq} into {codes_dir}")
+
+    def extract():
+        log(f"extracting codes with {cfg.model.viq} into {codes_dir}" + (f" (rank {rank})" if rank else ""))
         summary = extract_codes(get_viq(), cfg.model.viq, records, str(codes_dir), key_root=image_root, log=None)
         log(f"  {summary['images_encoded']} images at {summary['images_per_s']:.1f} images/s, "
             f"compression {summary['compression_ratio'] or 0:.0f}x, {summary['images_skipped']} skipped")
-    barrier()
+
+    _on_every_disk(extract, lambda: cfg.vision.extract_if_missing and not manifest.exists(),
+                   rank=rank, local_rank=local_rank, barrier=barrier)
     if not manifest.exists():
         raise MissingFileError(
             f"vision.codes_dir: no code cache at {codes_dir}; run scripts/extract_codes.py or set vision.extract_if_missing=true"

@@ -48,6 +48,7 @@ PRESET_EMBEDDING_ROWS: dict[str, int] = {
     "qwen2.5-0.5b": 151936,
     "qwen2.5-1.5b": 151936,
     "qwen2.5-7b": 152064,
+    "qwen2.5-72b": 152064,
     "tiny": 151936,
 }
 

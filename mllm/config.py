@@ -38,7 +38,7 @@ class ModelConfig:
     vocab_init_noise: float = 0.05
     gradient_checkpointing: bool = False  # activation checkpointing of decoder layers
     checkpoint_fraction: float = 1.0  # with gradient_checkpointing: share of the layers that recompute (evenly spread)
-    loss_impl: str = "chunked"  # chunked (recompute logits in backward) | fused (gradients in the forward; ZeRO <= 2)
+    loss_impl: str = "chunked"  # chunked (recompute logits in backward) | fused (gradients in the forward)
     loss_chunk_size: int = 1024  # rows of logits alive at a time
     compile_layers: bool = False  # torch.compile each decoder layer (GPU: fuses norm / RoPE / SwiGLU)
 
@@ -128,9 +128,6 @@ class TrainConfig:
                               f"valid values: {', '.join(map(str, ZERO_STAGES))}")
         if not 0.0 <= self.model.checkpoint_fraction <= 1.0:
             raise ConfigError(f"config key 'model.checkpoint_fraction' must be in [0, 1], got {self.model.checkpoint_fraction}")
-        if self.model.loss_impl == "fused" and self.trainer.zero_stage == 3:
-            raise ConfigError("config key 'model.loss_impl' is 'fused', which needs the whole head weight on each rank: "
-                              "use trainer.zero_stage <= 2 or model.loss_impl=chunked")
         positive = {
             "data.max_seq_len": self.data.max_seq_len,
             "data.buffer_size": self.data.buffer_size,

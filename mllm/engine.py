@@ -95,6 +95,71 @@ def gathered(stage: int):
     return nothing
 
 
+def full_numel(p: torch.Tensor) -> int:
+    """Element count of a parameter, also while ZeRO-3 holds only its shard (`numel()` is 0 then)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+@contextlib.contextmanager
+def _zero3_construction(ds_config: dict):
+    # transformers keeps only a weak reference to HfDeepSpeedConfig: this frame holds it while
+    # the model is built, so from_pretrained / _from_config / resize_token_embeddings see ZeRO-3.
+    import deepspeed
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    hf_ds_config = HfDeepSpeedConfig(ds_config)
+    try:
+        # No dtype argument: with one, deepspeed 0.19.8's Init picks bf16 on CPU (an operator-precedence
+        # slip in Init._set_dtype); the config's bf16 flag gives the training dtype.
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            yield hf_ds_config
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def construction_context(ds_config: dict):
+    """Where the model is built: under ZeRO-3, partitioned from the start so that no rank ever
+    holds the whole model; otherwise a plain context.
+
+    ZeRO-3: `deepspeed.zero.Init` partitions each module's parameters as soon as the module is
+    made (every rank gets rank 0's values), and transformers' ZeRO-3 path (HfDeepSpeedConfig)
+    initialises a preset's weights module by module on rank 0 under gathered parameters, or
+    loads a checkpoint's tensors into the shards module by module (rank 0 reads, the others
+    take their shard). Inside, shapes of partitioned parameters are 0: code that reads or
+    writes whole matrices enters `gathered(stage)` around it.
+    """
+    if ds_config["zero_optimization"]["stage"] == 3:
+        return _zero3_construction(ds_config)
+    return contextlib.nullcontext()
+
+
+def model_state_bytes(engine) -> dict[str, int]:
+    """Bytes DeepSpeed holds for the model on this rank between steps: "parameters" (the local
+    shard under ZeRO-3, whole parameters otherwise) and "optimizer" (the fp32 master partition
+    and Adam's moments). Each storage is counted once, so flat buffers are not double-counted."""
+    seen: dict[int, tuple[str, int]] = {}
+
+    def add(kind: str, t) -> None:
+        if torch.is_tensor(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() and storage.data_ptr() not in seen:
+                seen[storage.data_ptr()] = (kind, storage.nbytes())
+
+    for p in engine.module.parameters():
+        add("parameters", p.data)
+        add("parameters", getattr(p, "ds_tensor", None))
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for group in inner.param_groups:
+        for p in group["params"]:
+            add("optimizer", p.data)
+            for value in inner.state.get(p, {}).values():
+                add("optimizer", value)
+    out = {"parameters": 0, "optimizer": 0}
+    for kind, nbytes in seen.values():
+        out[kind] += nbytes
+    return out
+
+
 # ---- DeepSpeed config ---------------------------------------------------------------------
 def load_ds_config(cfg, use_bf16: bool) -> dict:
     """Read the ZeRO JSON (trainer.deepspeed_config or configs/deepspeed/zero<stage>.json) and
@@ -173,8 +238,8 @@ def apply_freezing(model, cfg) -> dict:
         for weight in tables.values():
             weight.register_hook(lambda g: torch.cat([torch.zeros_like(g[:code_base]), g[code_base:]]) if g.shape[0] else g)
             masked.append(f"{tuple(weight.shape)} rows [0, {code_base})")
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(full_numel(p) for p in model.parameters())
     return {"frozen_params": frozen, "masked_embedding_rows": masked, "trainable": trainable, "total": total}
 
 
@@ -221,11 +286,13 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def initialize_engine(model, cfg, use_bf16: bool):
-    """deepspeed.initialize with our groups and schedule; returns (engine, ds_config, group sizes)."""
+def initialize_engine(model, cfg, use_bf16: bool, ds_config: dict | None = None):
+    """deepspeed.initialize with our groups and schedule; returns (engine, ds_config, group sizes).
+
+    `ds_config`: the one the model was built for (load_ds_config), read again when omitted."""
     import deepspeed
 
-    ds_config = load_ds_config(cfg, use_bf16)
+    ds_config = ds_config or load_ds_config(cfg, use_bf16)
     if cfg.model.gradient_checkpointing:
         n = model.gradient_checkpointing_enable(fraction=cfg.model.checkpoint_fraction)
         log.info("activation checkpointing: %d of the %s layers", n, model.decoder_layer_class.__name__)

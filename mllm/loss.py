@@ -86,11 +86,12 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
                                chunk_size: int) -> torch.Tensor:
     """Same value as `chunked_linear_cross_entropy`; the gradients are computed in the forward pass.
 
-    The weight must be whole on this rank (not a ZeRO-3 partition). Without autograd (eval) it
-    only computes the loss.
+    The weight must be whole: under ZeRO-3 call it inside the forward of the module that owns the
+    weight (LinearHead, SplitHead). Without autograd (eval) it only computes the loss.
     """
-    if weight.numel() == 0:  # a ZeRO-3 partition outside its module's forward
-        raise ValueError("model.loss_impl=fused needs the whole head weight on each rank (ZeRO stage <= 2); use loss_impl=chunked")
+    if weight.numel() == 0:  # a ZeRO-3 shard read outside its module's forward
+        raise ValueError("fused_linear_cross_entropy got an empty weight (a ZeRO-3 shard): call it inside the forward of "
+                         "the module that owns the weight (mllm.loss.LinearHead)")
     grad_on = torch.is_grad_enabled()
     need_h = grad_on and hidden.requires_grad
     need_w = grad_on and weight.requires_grad
@@ -99,10 +100,42 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, need_h, need_w)
 
 
-def head_weight(head: torch.nn.Module) -> torch.Tensor:
-    """The [V, H] matrix of a bias-free head: nn.Linear's weight, or a split head's two tables joined."""
-    if getattr(head, "bias", None) is not None:
-        raise ValueError("model.loss_impl=fused supports bias-free output heads only (Qwen2.5's); use loss_impl=chunked")
-    if hasattr(head, "text_rows"):
-        return torch.cat([head.text_rows, head.code_rows])
-    return head.weight
+class LinearHead(torch.nn.Module):
+    """A bias-free output head, `logits = hidden @ weight.T`, whose forward also computes the fused loss.
+
+    `head(hidden)` gives logits (generation, evaluation); `head(hidden, targets=t, chunk_size=c)`
+    gives `fused_linear_cross_entropy`. The loss runs inside the head's own forward because that
+    is where ZeRO-3 gathers a module's weight: for the forward, and again before the backward, so
+    that the gradient computed in the forward is accumulated into the whole parameter and reduced
+    by ZeRO-3's hooks. A loss that read `lm_head.weight` from outside would see an empty shard.
+    The weight is the given Parameter itself (a tied model's embedding), never a copy.
+    """
+
+    fused_loss = True  # its forward takes targets
+
+    def __init__(self, weight: torch.nn.Parameter, shape: tuple[int, int]):
+        super().__init__()
+        self.weight = weight
+        self.out_features, self.in_features = shape  # also while the weight is a ZeRO-3 shard
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None, chunk_size: int = 0) -> torch.Tensor:
+        if targets is None:
+            return F.linear(hidden, self.weight)
+        return fused_linear_cross_entropy(hidden, self.weight, targets, chunk_size)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias=False"
+
+
+def use_fused_loss_head(llm) -> None:
+    """Make the output head of `llm` one that computes the fused loss in its forward (LinearHead).
+
+    A head that already does (LinearHead, a split head) stays; an nn.Linear is replaced by a
+    LinearHead on the same Parameter, so weights, tying and the saved state dict are unchanged.
+    """
+    head = llm.get_output_embeddings()
+    if getattr(head, "fused_loss", False):
+        return
+    if getattr(head, "bias", None) is not None or not isinstance(head, torch.nn.Linear):
+        raise ValueError("model.loss_impl=fused supports bias-free linear output heads only (Qwen2.5's); use loss_impl=chunked")
+    llm.set_output_embeddings(LinearHead(head.weight, (head.out_features, head.in_features)))

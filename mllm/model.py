@@ -19,7 +19,7 @@ from torch import nn
 from transformers import GenerationConfig, Qwen2ForCausalLM
 
 from data.vocab import SUBCODES, CodeVocab
-from mllm.loss import LOSS_IMPLEMENTATIONS, chunked_linear_cross_entropy, fused_linear_cross_entropy, head_weight
+from mllm.loss import LOSS_IMPLEMENTATIONS, chunked_linear_cross_entropy, use_fused_loss_head
 from mllm.presets import build_llm
 from mllm.vocab_tables import extend_vocabulary, merge_tables, no_gather, split_tables, tables_split
 
@@ -88,6 +88,7 @@ class ViQMLLM(nn.Module):
         loss_chunk_size: int = 1024,
         checkpoint_loss_chunks: bool = True,
         loss_impl: str = "chunked",
+        gathered: Callable = no_gather,
     ):
         super().__init__()
         rows = llm.get_input_embeddings().num_embeddings
@@ -102,6 +103,10 @@ class ViQMLLM(nn.Module):
         if loss_impl not in LOSS_IMPLEMENTATIONS:
             raise ValueError(f"unknown loss_impl {loss_impl!r}; valid: {', '.join(LOSS_IMPLEMENTATIONS)}")
         self.loss_impl = loss_impl
+        # Context factory for reading whole parameters (deepspeed.zero.GatheredParameters under ZeRO-3).
+        self.gathered = gathered
+        if loss_impl == "fused":
+            use_fused_loss_head(llm)
         table = next(llm.get_input_embeddings().parameters())  # nn.Embedding.weight or SplitEmbedding.text_rows
         self.merger = CodeMerger(llm.config.hidden_size).to(device=table.device, dtype=table.dtype)
 
@@ -162,14 +167,17 @@ class ViQMLLM(nn.Module):
         """Store the embedding and the output head as text rows [0, code_base) + code rows [code_base, total_rows).
 
         Values are copied exactly; a tied model's head uses the embedding's two Parameters. Call it
-        while the matrices are whole (before deepspeed.initialize). Loss, generation and export
+        before deepspeed.initialize (under ZeRO-3: inside the partitioning context, with `gathered`
+        given to the constructor). Loss, generation and export
         behave as before; save_export writes the standard merged layout. No-op when already split.
         """
-        split_tables(self.llm, self.vocab)
+        split_tables(self.llm, self.vocab, self.gathered)
 
     def merge_code_rows(self) -> None:
         """Inverse of split_code_rows: a plain nn.Embedding / bias-free nn.Linear of total_rows (re-tied when tied)."""
         merge_tables(self.llm)
+        if self.loss_impl == "fused":
+            use_fused_loss_head(self.llm)
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -259,8 +267,8 @@ class ViQMLLM(nn.Module):
         # Only supervised positions reach the head: most of a multimodal pack (image tokens, prompts) never does.
         hidden, targets = hidden[supervised], targets[supervised]
         head = self.llm.get_output_embeddings()
-        if self.loss_impl == "fused":
-            loss_sum = fused_linear_cross_entropy(hidden, head_weight(head), targets, self.loss_chunk_size)
+        if self.loss_impl == "fused":  # inside the head's forward, where ZeRO-3 gathers its weight
+            loss_sum = head(hidden, targets=targets, chunk_size=self.loss_chunk_size)
         else:
             loss_sum = chunked_linear_cross_entropy(hidden, head, targets, self.loss_chunk_size, self.checkpoint_loss_chunks)
         return loss_sum, supervised.sum()
@@ -379,4 +387,4 @@ def build_mllm(
     extend_vocabulary(
         llm, vocab, init=init, codebook_features=codebook_features, noise_std=noise_std, seed=seed, gathered=gathered
     )
-    return ViQMLLM(llm, vocab, loss_chunk_size=loss_chunk_size, loss_impl=loss_impl)
+    return ViQMLLM(llm, vocab, loss_chunk_size=loss_chunk_size, loss_impl=loss_impl, gathered=gathered)

@@ -1,7 +1,7 @@
 """Named LLM presets and `build_llm`: a Qwen2.5 decoder from a preset (random init) or a local checkpoint.
 
 The Qwen2.5 presets carry the hyper-parameters of the released checkpoints' `config.json`
-(Qwen2.5-{0.5B,1.5B,7B}-Instruct). Note that the 7B model's embedding has 152,064 rows, not
+(Qwen2.5-{0.5B,1.5B,7B,72B}-Instruct). Note that the 7B model's embedding has 152,064 rows, not
 151,936 like the small ones: the code vocabulary must be laid out against the row count of the
 model actually built (`CodeVocab.embedding_rows == llm.get_input_embeddings().num_embeddings`).
 `tiny` has the 0.5B vocabulary and a toy body, for CPU tests and smoke runs.
@@ -58,6 +58,16 @@ LLM_PRESETS: dict[str, dict] = {
         "num_attention_heads": 28,
         "num_key_value_heads": 4,
         "max_window_layers": 28,
+        "tie_word_embeddings": False,
+    },
+    "qwen2.5-72b": {  # for planning and multi-node runs: build it under ZeRO-3, or point model.llm at a checkpoint
+        **_QWEN25_COMMON,
+        "hidden_size": 8192,
+        "intermediate_size": 29568,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "max_window_layers": 80,
         "tie_word_embeddings": False,
     },
     "tiny": {

@@ -46,9 +46,14 @@ from mllm.engine import (
     all_reduce_sum,
     all_reduce_vector,
     apply_freezing,
+    construction_context,
     device_and_dtype,
+    full_numel,
+    gathered,
     init_distributed,
     initialize_engine,
+    load_ds_config,
+    model_state_bytes,
 )
 from mllm.export import save_export
 from mllm.hardware import gpu_peak_flops
@@ -81,10 +86,12 @@ class Trainer:
         self.tokenizer, self.vocab = build_tokenizer(cfg.model.llm, self.viq_config)
         self.records = self.image_root = self.code_store = None
         self.build_data()
+        self.ds_config = load_ds_config(cfg, self.dtype == torch.bfloat16)
         self.model = self.build_model()
         log.info(self._trainable_report(self.configure_trainable(self.model)))
         check_model(self.model, cfg)
-        self.engine, self.ds_config, groups = initialize_engine(self.model, cfg, self.dtype == torch.bfloat16)
+        self.engine, self.ds_config, groups = initialize_engine(self.model, cfg, self.dtype == torch.bfloat16,
+                                                                self.ds_config)
         log.info(f"optimizer groups: {groups}; ZeRO stage {self.ds_config['zero_optimization']['stage']}; "
                  f"device {self.device}, dtype {self.dtype}, attention {self.llm.config._attn_implementation}")
         self.step = 0
@@ -106,7 +113,8 @@ class Trainer:
         first = self.records is None
         if first:
             self.records, self.image_root, self.code_store = prepare_training_data(
-                cfg, self.viq_config, rank=self.rank, barrier=self.barrier, get_viq=lambda: self.viq, log=log.info
+                cfg, self.viq_config, rank=self.rank, local_rank=self.local_rank, barrier=self.barrier,
+                get_viq=lambda: self.viq, log=log.info,
             )
         policy, self.capacity = self.data_settings()
         self.dataset = ConversationDataset(
@@ -167,20 +175,53 @@ class Trainer:
         return self._viq
 
     def build_model(self):
-        """Hook: the module to train; it must satisfy mllm.contract.TrainableModel."""
+        """Hook: the module to train; it must satisfy mllm.contract.TrainableModel.
+
+        Under ZeRO-3 it is built partitioned (engine.construction_context): presets and local
+        checkpoints alike, the vocabulary extended and the code rows initialised on gathered
+        parameters, so that no rank ever holds the whole model.
+        """
         c = self.cfg.model
+        self.memory_plan = self._plan_memory()
         features = None
         if c.vocab_init == "codebook":
             features = self.viq.codebook_vectors()
         torch.manual_seed(self.cfg.trainer.seed)
-        model = build_mllm(
-            c.llm, self.vocab, attn_implementation=c.attn_implementation, dtype=self.dtype, device=self.device,
-            init=c.vocab_init, codebook_features=features, noise_std=c.vocab_init_noise, seed=self.cfg.trainer.seed,
-            loss_chunk_size=c.loss_chunk_size, loss_impl=c.loss_impl,
-        )
-        if self.cfg.optim.code_embedding_lr > 0:  # own tensors for the code rows, so they get their own LR
-            model.split_code_rows()
+        with construction_context(self.ds_config):
+            model = build_mllm(
+                c.llm, self.vocab, attn_implementation=c.attn_implementation, dtype=self.dtype, device=self.device,
+                init=c.vocab_init, codebook_features=features, noise_std=c.vocab_init_noise, seed=self.cfg.trainer.seed,
+                loss_chunk_size=c.loss_chunk_size, loss_impl=c.loss_impl,
+                gathered=gathered(self.ds_config["zero_optimization"]["stage"]),
+            )
+            if self.cfg.optim.code_embedding_lr > 0:  # own tensors for the code rows, so they get their own LR
+                model.split_code_rows()
         return model
+
+    def _plan_memory(self):
+        """The planner's per-GPU memory estimate for this run (scripts/plan_run.py), logged at start."""
+        from mllm.planner import estimate_memory, format_memory
+
+        plan = estimate_memory(self.cfg, self.world, dtype_bytes=self.dtype.itemsize,
+                               kind=None if self.device.type == "cuda" else "cpu")
+        log.info(f"memory plan: {format_memory(plan)}")
+        return plan
+
+    def _record_memory(self) -> None:
+        """runs/<name>/memory.json after the first step: the plan beside what was measured (rank 0's)."""
+        plan = getattr(self, "memory_plan", None)
+        if plan is None:
+            return
+        measured = {k: v for k, v in model_state_bytes(self.engine).items()}
+        record = {"planned": plan.terms, "planned_peak": plan.peak, "planned_states": plan.states(),
+                  "measured_states": measured["parameters"] + measured["optimizer"], "measured": measured,
+                  "world_size": self.world, "zero_stage": self.ds_config["zero_optimization"]["stage"]}
+        if self.device.type == "cuda":
+            record["measured_peak_allocated"] = torch.cuda.max_memory_allocated(self.device)
+        if self.is_main:
+            (self.run_dir / "memory.json").write_text(json.dumps(record, indent=1) + "\n")
+        log.info(f"memory after step 1: model states {record['measured_states'] / 2**30:.3f} GiB measured, "
+                 f"{record['planned_states'] / 2**30:.3f} GiB planned")
 
     def configure_trainable(self, model) -> dict:
         """Hook: freeze what must not train (config `freeze`); returns {part or kind: count} for the log."""
@@ -201,7 +242,7 @@ class Trainer:
     def _dense_flops_per_token(self) -> float:
         """6 x (non-embedding parameters) per token: forward + backward of the dense layers."""
         cfg = self.llm.config
-        n = sum(p.numel() for name, p in self.llm.model.named_parameters() if "embed_tokens" not in name)
+        n = sum(full_numel(p) for name, p in self.llm.model.named_parameters() if "embed_tokens" not in name)
         self.attn_flops_coeff = 6 * cfg.num_hidden_layers * cfg.hidden_size  # x sum(L_i^2) for causal attention
         self.head_flops_per_token = 6 * cfg.hidden_size * self.vocab.total_rows
         return 6.0 * n
@@ -293,6 +334,8 @@ class Trainer:
             micro = [next(self.batches) for _ in range(t.grad_accum)]
             m = self.train_step(micro)
             self.step += 1
+            if self.step == 1:
+                self._record_memory()
             self.after_step(m)
             self.totals["tokens"] += int(m["tokens"])
             self.totals["samples"] += int(m["samples"])

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import Qwen2ForCausalLM
 
 from data.vocab import CodeVocab
+from mllm.loss import fused_linear_cross_entropy
 
 _STATS_CHUNK_ROWS = 16384
 
@@ -152,18 +153,10 @@ class SplitEmbedding(nn.Module):
         self.text_rows = text_rows
         self.code_rows = code_rows
         self.padding_idx = padding_idx  # kept for merging back into an identical nn.Embedding
-
-    @property
-    def code_base(self) -> int:
-        return self.text_rows.shape[0]
-
-    @property
-    def num_embeddings(self) -> int:
-        return self.text_rows.shape[0] + self.code_rows.shape[0]
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.text_rows.shape[1]
+        # Sizes fixed while the tables are whole: a ZeRO-3 shard's shape is 0 outside forward.
+        self.code_base = text_rows.shape[0]
+        self.num_embeddings = text_rows.shape[0] + code_rows.shape[0]
+        self.embedding_dim = text_rows.shape[1]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         is_code = ids >= self.code_base
@@ -184,21 +177,21 @@ class SplitHead(nn.Module):
     logits of the two halves are concatenated, never the weight matrices.
     """
 
-    def __init__(self, text_rows: nn.Parameter, code_rows: nn.Parameter):
+    def __init__(self, text_rows: nn.Parameter, code_rows: nn.Parameter, shape: tuple[int, int] | None = None):
         super().__init__()
         self.text_rows = text_rows
         self.code_rows = code_rows
+        # `shape` (rows, hidden) when the tables may be ZeRO-3 shards already (a tied head made
+        # after its embedding); otherwise read from the whole tables.
+        self.out_features, self.in_features = shape or (text_rows.shape[0] + code_rows.shape[0], text_rows.shape[1])
 
-    @property
-    def out_features(self) -> int:
-        return self.text_rows.shape[0] + self.code_rows.shape[0]
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None, chunk_size: int = 0) -> torch.Tensor:
+        """Logits; with `targets`, the fused loss over both tables (see mllm.loss.LinearHead for why here)."""
+        if targets is None:
+            return torch.cat([F.linear(hidden, self.text_rows), F.linear(hidden, self.code_rows)], dim=-1)
+        return fused_linear_cross_entropy(hidden, torch.cat([self.text_rows, self.code_rows]), targets, chunk_size)
 
-    @property
-    def in_features(self) -> int:
-        return self.text_rows.shape[1]
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.cat([F.linear(hidden, self.text_rows), F.linear(hidden, self.code_rows)], dim=-1)
+    fused_loss = True  # its forward takes targets (mllm.loss.use_fused_loss_head keeps it)
 
     def extra_repr(self) -> str:
         return f"text_rows={tuple(self.text_rows.shape)}, code_rows={tuple(self.code_rows.shape)}"
@@ -225,27 +218,34 @@ def tables_split(llm) -> bool:
     return isinstance(llm.get_input_embeddings(), SplitEmbedding)
 
 
-def split_tables(llm, vocab: CodeVocab) -> None:
-    """Replace the embedding and head of `llm` by split tables at `vocab.code_base` (values copied exactly)."""
+def split_tables(llm, vocab: CodeVocab, gathered: Callable = no_gather) -> None:
+    """Replace the embedding and head of `llm` by split tables at `vocab.code_base` (values copied exactly).
+
+    Under ZeRO-3 pass `gathered` (deepspeed.zero.GatheredParameters) and call it inside the
+    partitioning context: the tables are read whole, copied, and the new modules' Parameters
+    are partitioned as they are made.
+    """
     if tables_split(llm):
         return
     code_base = vocab.code_base
     embedding, head = llm.get_input_embeddings(), llm.get_output_embeddings()
     tied = bool(llm.config.tie_word_embeddings)
-    expected = (vocab.total_rows, llm.config.hidden_size)
-    for what, module in (("input embedding", embedding), ("output head", head)):
-        if tuple(module.weight.shape) != expected:
-            raise RuntimeError(
-                f"split_code_rows: {what} weight has shape {tuple(module.weight.shape)}, expected {expected}; "
-                "split before the parameters are partitioned (ZeRO-3) and after extend_vocabulary"
-            )
     if getattr(head, "bias", None) is not None:
         raise ValueError("split_code_rows: the output head has a bias; only bias-free heads (Qwen2.5) can be split")
     if tied and head.weight is not embedding.weight:
         raise RuntimeError("split_code_rows: config says tie_word_embeddings but lm_head.weight is not the embedding")
-    text, code = _split_parameter(embedding.weight, code_base)
+    expected = (vocab.total_rows, llm.config.hidden_size)
+    with gathered([embedding.weight] if tied else [embedding.weight, head.weight], modifier_rank=None):
+        for what, module in (("input embedding", embedding), ("output head", head)):
+            if tuple(module.weight.shape) != expected:
+                raise RuntimeError(
+                    f"split_code_rows: {what} weight has shape {tuple(module.weight.shape)}, expected {expected}; "
+                    "split after extend_vocabulary, with `gathered` under ZeRO-3"
+                )
+        text, code = _split_parameter(embedding.weight, code_base)
+        head_tables = (text, code) if tied else _split_parameter(head.weight, code_base)
     llm.set_input_embeddings(SplitEmbedding(text, code, padding_idx=embedding.padding_idx))
-    llm.set_output_embeddings(SplitHead(text, code) if tied else SplitHead(*_split_parameter(head.weight, code_base)))
+    llm.set_output_embeddings(SplitHead(*head_tables, shape=expected))
     _declare_tied_tables(llm)
 
 
