@@ -161,7 +161,7 @@ def register_with_vlmeval(model_name: str = MODEL_NAME, **model_kwargs) -> None:
 
 def main(argv=None) -> int:
     """Register the export and the SYNTH_* datasets, then run VLMEvalKit's run.py with the other arguments."""
-    parser = argparse.ArgumentParser(prog='python -m eval.adapters.vlmevalkit', description=main.__doc__,
+    parser = argparse.ArgumentParser(prog='python -m eval.adapters.vlmevalkit', description=main.__doc__, allow_abbrev=False,
                                      epilog="other arguments go to VLMEvalKit's run.py (--data, --work-dir, --judge, "
                                             "--mode, ...)")
     parser.add_argument('--model-path', required=True, help='ViQ-MLLM export directory (runs/<run>/hf)')

@@ -3,8 +3,8 @@
     python vlmeval_driver.py JOBS.json RESULT.json
 
 Each job is {'kind': 'score', 'key', 'lmudata', 'work_dir', 'format': 'xlsx'|'tsv', 'predictions':
-{index: str}, 'per_row': bool} or {'kind': 'infer', 'key', 'lmudata', 'work_dir', 'model_path',
-'max_new_tokens'}.
+{index: str}, 'per_row': bool} or {'kind': 'infer' | 'run', 'key', 'lmudata', 'work_dir',
+'model_path', 'max_new_tokens'}, optionally with 'also_evaluate': [prediction files].
 
 - score: build the benchmark's VLMEvalKit dataset class over $LMUData/<key>.tsv, store the
   predictions as `infer_data_job` stores them (dataset.data + `prediction` = str(answer), image
@@ -14,7 +14,9 @@ Each job is {'kind': 'score', 'key', 'lmudata', 'work_dir', 'format': 'xlsx'|'ts
   that `load` returns unchanged). The VQA and multiple-choice per-row hits come from a data file
   with one category per row, whose per-category table is the per-row hits.
 - infer: `infer_data_job` with the ViQ-MLLM model on a SYNTH_* key (eval.adapters.vlmevalkit's
-  registered dataset classes); the result is the prediction file's path.
+  registered dataset classes); the result is the prediction file, its evaluation and the
+  evaluation of every file in also_evaluate (eval.run's .xlsx) by the same dataset.
+- run: the same through VLMEvalKit's run.py (`python -m eval.adapters.vlmevalkit ...`).
 
 The only change to VLMEvalKit's classes: the official TSVs' md5 is dropped so that the generated
 TSV under $LMUData is read instead of downloading the official one (there is no network).
@@ -28,6 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from eval.adapters.vlmevalkit import ViQMLLMVLMEval, register_with_vlmeval  # noqa: E402  (imports VLMEvalKit)
+from eval.adapters.vlmevalkit import main as vlmevalkit_main  # noqa: E402
 
 import pandas as pd  # noqa: E402
 from vlmeval.dataset import ImageMCQDataset, ImageVQADataset, MMMUDataset  # noqa: E402
@@ -93,13 +96,22 @@ def infer(job):
     from vlmeval.dataset import build_dataset
     from vlmeval.inference import infer_data_job
 
-    Path(job['work_dir']).mkdir(parents=True, exist_ok=True)
-    model = ViQMLLMVLMEval(model_path=job['model_path'], max_new_tokens=job['max_new_tokens'], device='cpu')
+    work = Path(job['work_dir'])
+    work.mkdir(parents=True, exist_ok=True)
+    if job['kind'] == 'infer':
+        model = ViQMLLMVLMEval(model_path=job['model_path'], max_new_tokens=job['max_new_tokens'], device='cpu')
+        infer_data_job(model, work_dir=str(work), model_name=MODEL, dataset=build_dataset(job['key']))
+        path = work / f"{MODEL}_{job['key']}.xlsx"
+    else:
+        status = vlmevalkit_main(['--model-path', job['model_path'], '--max-new-tokens', str(job['max_new_tokens']),
+                                  '--device', 'cpu', '--data', job['key'], '--work-dir', str(work),
+                                  '--judge', 'exact_matching', '--mode', 'infer'])
+        assert status == 0, status
+        path = work / MODEL / f"{MODEL}_{job['key']}.xlsx"
     dataset = build_dataset(job['key'])
-    infer_data_job(model, work_dir=job['work_dir'], model_name=MODEL, dataset=dataset)
-    path = str(Path(job['work_dir']) / f"{MODEL}_{job['key']}.xlsx")
-    return {'file': path, 'dataset_class': type(dataset).__name__,
-            'result': table(dataset.evaluate(path, model='exact_matching'))}
+    return {'file': str(path), 'dataset_class': type(dataset).__name__,
+            'result': table(dataset.evaluate(str(path), model='exact_matching')),
+            'also': [table(dataset.evaluate(f, model='exact_matching')) for f in job.get('also_evaluate', [])]}
 
 
 def main(jobs_path, result_path):
