@@ -67,6 +67,9 @@ def table(result):
 def score(job):
     os.environ['LMUData'] = job['lmudata']
     os.environ['PRED_FORMAT'] = job['format']
+    if job['key'] == 'SimpleVQA':   # not in every snapshot
+        from vlmeval.dataset.simplevqa import SimpleVQA
+        CLASSES['SimpleVQA'] = SimpleVQA
     dataset = local_class(CLASSES[job['key']])(dataset=job['key'])
     data = dataset.data.copy()
     data['prediction'] = [str(job['predictions'][str(i)]) for i in data['index']]
