@@ -57,7 +57,7 @@ cmd=${1:-}
 case "$cmd" in
     train)
         setup
-        export PATH="$PWD/$VENV/bin:$PATH"
+        export PATH="$(cd "$VENV" && pwd)/bin:$PATH"   # VIQ_VENV may be absolute or relative
         exec deepspeed scripts/train_mllm.py "$@"
         ;;
     test)

@@ -36,42 +36,41 @@ def text_model(export):
 # --------------------------------------------------------------------------- VLMEvalKit
 
 
-def run_python(code: str, pythonpath, tmp_path):
-    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(pythonpath), str(REPO)])}
-    return subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+def run_with_broken(package: str, error: str, code: str, tmp_path):
+    """Run `code` where importing `package` raises RuntimeError(error), as a broken install does."""
+    site = tmp_path / 'site'
+    (site / package).mkdir(parents=True)
+    (site / package / '__init__.py').write_text(f'raise RuntimeError({error!r})\n')
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(site), str(REPO)])}
+    done = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines(), done.stderr
 
 
 def test_a_torchvision_that_cannot_be_imported_gets_a_placeholder(tmp_path):
     """The index's torchvision next to the CPU torch dies with a RuntimeError at import time."""
-    broken = tmp_path / 'site'
-    (broken / 'torchvision').mkdir(parents=True)
-    (broken / 'torchvision' / '__init__.py').write_text(
-        "raise RuntimeError('operator torchvision::nms does not exist')\n")
-    done = run_python(
+    lines, _ = run_with_broken(
+        'torchvision', 'operator torchvision::nms does not exist',
         'from eval.adapters.vlmeval_import import ensure_torchvision_importable\n'
         'print(ensure_torchvision_importable())\n'
         'from torchvision.transforms import InterpolationMode\n'
         'import torchvision.transforms as T\n'
         'class Aug(T.Compose): pass\n'
         'mode = InterpolationMode.BICUBIC\n'
-        'try:\n    T.Resize(224)\nexcept RuntimeError as e:\n    print(e)\n', broken, tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == [
+        'try:\n    T.Resize(224)\nexcept RuntimeError as e:\n    print(e)\n', tmp_path)
+    assert lines == [
         'RuntimeError: operator torchvision::nms does not exist',
         'torchvision.transforms.Resize is unavailable: torchvision could not be imported (RuntimeError: operator '
         'torchvision::nms does not exist); VLMEvalKit was imported with a placeholder in its place']
 
 
 def test_a_broken_vlmeval_is_a_one_line_import_error(tmp_path):
-    broken = tmp_path / 'site'
-    (broken / 'vlmeval').mkdir(parents=True)
-    (broken / 'vlmeval' / '__init__.py').write_text("raise RuntimeError('CUDA driver version is insufficient')\n")
-    done = run_python(
+    lines, _ = run_with_broken(
+        'vlmeval', 'CUDA driver version is insufficient',
         'import eval.adapters.vlmevalkit as adapter\n'
         'print(adapter.as_message_list("text only"))\n'
-        'try:\n    adapter.ViQMLLMVLMEval\nexcept ImportError as e:\n    print(e)\n', broken, tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == [
+        'try:\n    adapter.ViQMLLMVLMEval\nexcept ImportError as e:\n    print(e)\n', tmp_path)
+    assert lines == [
         "[{'type': 'text', 'value': 'text only'}]",
         f'{vlmevalkit.MISSING_VLMEVAL} (importing it failed: RuntimeError: CUDA driver version is insufficient)']
 
@@ -100,16 +99,13 @@ def test_vlmevalkit_answer_is_the_eval_run_answer(export, tmp_path):
 
 
 def test_a_broken_lm_eval_leaves_the_module_importable(tmp_path):
-    broken = tmp_path / 'site'
-    (broken / 'lm_eval').mkdir(parents=True)
-    (broken / 'lm_eval' / '__init__.py').write_text("raise RuntimeError('incompatible torch')\n")
-    done = run_python(
+    lines, stderr = run_with_broken(
+        'lm_eval', 'incompatible torch',
         'import eval.adapters.lm_eval as adapter\n'
         'try:\n    adapter.ViQMLLMLM(pretrained="x")\nexcept ImportError as e:\n    print(e)\n'
-        'print(adapter.main(["--tasks", "hellaswag"]))\n', broken, tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == [f'{lm_adapter.MISSING_LM_EVAL} (RuntimeError: incompatible torch)', '2']
-    assert done.stderr == f'error: {lm_adapter.MISSING_LM_EVAL}\n'
+        'print(adapter.main(["--tasks", "hellaswag"]))\n', tmp_path)
+    assert lines == [f'{lm_adapter.MISSING_LM_EVAL} (RuntimeError: incompatible torch)', '2']
+    assert stderr == f'error: {lm_adapter.MISSING_LM_EVAL}\n'
 
 
 def test_encode_pair_follows_the_hf_model_rules(text_model):

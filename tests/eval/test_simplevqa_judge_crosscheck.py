@@ -23,6 +23,7 @@ from crosscheck import REPO, installed_snapshots, write_eval_run_jsonl, write_ts
 from eval.judge import JudgeClient
 from eval.score import score_file
 from eval.vlmevalkit_versions import VERSIONS
+from eval_fixtures import send_json
 from prediction_sets import perturb
 
 SNAPSHOTS = {v: p for v, p in installed_snapshots().items() if VERSIONS[v].has_simplevqa}
@@ -54,14 +55,9 @@ class Judge(BaseHTTPRequestHandler):
         self.seen[side].append(pair)
         grade = verdict(*pair)
         content = json.dumps({'预测答案0': VERDICTS[grade]}, ensure_ascii=False) if side == 'vlmeval' else grade
-        reply = json.dumps({'id': 'x', 'object': 'chat.completion', 'created': 0, 'model': body['model'],
-                            'choices': [{'index': 0, 'finish_reason': 'stop',
-                                         'message': {'role': 'assistant', 'content': content}}]}).encode()
-        self.send_response(200)
-        self.send_header('Content-Type', 'application/json')
-        self.send_header('Content-Length', str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
+        send_json(self, {'id': 'x', 'object': 'chat.completion', 'created': 0, 'model': body['model'],
+                         'choices': [{'index': 0, 'finish_reason': 'stop',
+                                      'message': {'role': 'assistant', 'content': content}}]})
 
     def log_message(self, *args):
         pass
