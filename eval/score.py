@@ -23,9 +23,9 @@ import sys
 from pathlib import Path
 
 from eval.benchmarks import BENCHMARKS, ChoiceBenchmark, get_benchmark
-from eval.data import DataError, read_jsonl_rows
+from eval.data import DataError, read_prediction_rows
 from eval.judge import judge_from_env
-from eval.vlmeval_files import PREDICTION_FORMATS, read_vlmeval_predictions, vlmeval_round_trip
+from eval.vlmeval_files import PREDICTION_FORMATS, vlmeval_round_trip
 from eval.vlmevalkit_versions import VERSIONS, UnknownVersionError
 
 
@@ -48,14 +48,8 @@ def attach_benchmark_data(benchmark, rows: list[dict], data_records: dict, data_
 def scoring_rows(benchmark, predictions, data_root=None) -> list[dict]:
     """The rows VLMEvalKit's evaluate would score for this file, under the benchmark's version."""
     path = Path(predictions)
-    if not path.is_file():
-        raise DataError(f'{path}: predictions file not found')
-    if path.suffix in PREDICTION_FORMATS:
-        rows, stored = read_vlmeval_predictions(path), True
-    elif path.suffix in ('.jsonl', '.json'):
-        rows, stored = read_jsonl_rows(path), False
-    else:
-        raise DataError(f'{path}: unknown predictions format {path.suffix!r}; use .jsonl, .xlsx or .tsv')
+    rows = read_prediction_rows(path)
+    stored = path.suffix in PREDICTION_FORMATS   # VLMEvalKit's own file: already round-tripped
     if not rows:
         raise DataError(f'{path}: no prediction rows')
     data_records = None
