@@ -85,19 +85,22 @@ def prepare(root: Path) -> list[dict]:
 
 
 def run_drivers(root: Path, jobs: list[dict], snapshots: dict[str, str]) -> dict[str, list[dict]]:
-    processes = {}
+    processes, logs = {}, []
     for version, path in snapshots.items():
         work = root / 'work' / version
         version_jobs = [{**job, 'work_dir': str(work / job['variant'] / job['format'] / job['key'])} for job in jobs]
         (root / f'{version}.jobs.json').write_text(json.dumps(version_jobs))
         env = {**os.environ, 'PYTHONPATH': os.pathsep.join(p for p in (path, str(REPO)) if p)}
+        logs.append(open(root / f'{version}.stderr.log', 'w'))
         processes[version] = subprocess.Popen(
             [sys.executable, str(HERE / 'vlmeval_driver.py'), str(root / f'{version}.jobs.json'),
-             str(root / f'{version}.result.json')], env=env, cwd=str(root), stdout=subprocess.DEVNULL,
-            stderr=open(root / f'{version}.stderr.log', 'w'))
+             str(root / f'{version}.result.json')], env=env, cwd=str(root), stdout=subprocess.DEVNULL, stderr=logs[-1])
+    returncodes = {version: process.wait(timeout=900) for version, process in processes.items()}
+    for log in logs:
+        log.close()
     results = {}
-    for version, process in processes.items():
-        if process.wait(timeout=900) != 0:
+    for version, returncode in returncodes.items():
+        if returncode != 0:
             tail = (root / f'{version}.stderr.log').read_text()[-2000:]
             raise RuntimeError(f'VLMEvalKit driver for {version} failed:\n{tail}')
         results[version] = json.loads((root / f'{version}.result.json').read_text())['jobs']
