@@ -8,8 +8,8 @@ Cell values follow what VLMEvalKit sees after pandas reads the TSV, because thos
 are what it scores: the default NA strings ('', 'N/A', 'NA', 'None', 'null', 'nan', ...)
 become missing (None), and a column whose values are all integers / all numbers / all
 booleans becomes int / float / bool (so an all-numeric answer column '0' reads as 0.0 when
-another row holds '2.5'; str() of it is '0.0'). The `prediction` column only gets the NA
-rule, as predictions reach VLMEvalKit's scorer through an .xlsx file.
+another row holds '2.5'; str() of it is '0.0'). Prediction files are another matter: VLMEvalKit's
+.xlsx / .tsv are read with pandas itself (eval/vlmeval_files.py), as VLMEvalKit reads them.
 
 VLMEvalKit TSV conventions handled: base64 images; an `image` value of <= 64 characters is
 the index of another row whose image it reuses; a "['...', '...']" image value is a
@@ -275,15 +275,18 @@ def hf_field(row: dict, names, source: str, row_number: int):
 
 
 def read_prediction_rows(path) -> list[dict]:
-    """A predictions file: JSONL (one object per line) or TSV with VLMEvalKit columns."""
+    """A predictions file: JSONL (one object per line), or VLMEvalKit's own .xlsx / .tsv
+    prediction file read with the pandas call VLMEvalKit's `load` makes."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f'{path}: predictions file not found')
     if path.suffix in ('.jsonl', '.json'):
         return read_jsonl_rows(path)
-    if path.suffix in ('.tsv', '.txt'):
-        return read_tsv_rows(path)
-    raise DataError(f'{path}: unknown predictions format {path.suffix!r}; use .jsonl or .tsv')
+    if path.suffix in ('.xlsx', '.tsv'):
+        from eval.vlmeval_files import read_vlmeval_predictions   # (imports this module)
+
+        return read_vlmeval_predictions(path)
+    raise DataError(f'{path}: unknown predictions format {path.suffix!r}; use .jsonl, .xlsx or .tsv')
 
 
 def prediction_row(record: dict, prediction: str) -> dict:

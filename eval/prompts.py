@@ -17,31 +17,41 @@ from pathlib import Path
 
 from data.chat import MCQ_INSTRUCTION, VQA_SUFFIX
 from eval.metrics.choice import build_choices, is_missing
+from eval.vlmevalkit_versions import get_version
 from viq.errors import DataError
 from viq.io import atomic_path
 
 
-def image_values(record: dict, image_dir=None) -> list:
-    """PIL images, or (with image_dir) files written the way VLMEvalKit's dump_image writes
-    them: one image -> '<index>.jpg', several -> their `image_path` names (else
-    '<index>_<k>.jpg'); the model then reads the same JPEG bytes VLMEvalKit's models read."""
+def dump_names(record: dict, count: int, version=None) -> list[str]:
+    """File names dump_image gives a record's images. Upstream main (and ms-vlmeval): the
+    `image_path` names when the row has them, else '<index>.png' / '<index>_<k>.png'; older
+    snapshots always '<index>.jpg' for a single image (they require image_path for several)."""
+    suffix = get_version(version).image_suffix
+    given = record.get('image_path')
+    given = [given] if isinstance(given, str) else list(given) if isinstance(given, (list, tuple)) else None
+    if count == 1 and (suffix == '.jpg' or not given or len(given) != 1):
+        return [f"{record['index']}{suffix}"]
+    if given and len(given) == count:
+        return given
+    return [f"{record['index']}_{k}{suffix}" for k in range(count)]
+
+
+def image_values(record: dict, image_dir=None, version=None) -> list:
+    """PIL images, or (with image_dir) files written the way the VLMEvalKit version's dump_image
+    writes them (PNG, or JPEG at PIL's default quality for '.jpg' names), so the model reads the
+    same pixels VLMEvalKit's models read."""
     refs = record.get('image') or []
     if image_dir is None:
         return [ref.load() for ref in refs]
     image_dir = Path(image_dir)
     image_dir.mkdir(parents=True, exist_ok=True)
-    if len(refs) == 1:
-        names = [f"{record['index']}.jpg"]
-    else:
-        given = record.get('image_path')
-        names = list(given) if isinstance(given, (list, tuple)) and len(given) == len(refs) else [
-            f"{record['index']}_{k}.jpg" for k in range(len(refs))]
     paths = []
-    for ref, name in zip(refs, names):
+    for ref, name in zip(refs, dump_names(record, len(refs), version)):
         path = image_dir / name
-        if not path.is_file():  # written atomically: a killed run never leaves half a JPEG
+        if not path.is_file():  # written atomically: a killed run never leaves half an image
+            image_format = 'JPEG' if path.suffix.lower() in ('.jpg', '.jpeg') else 'PNG'
             with atomic_path(path) as partial:
-                ref.load().save(partial, format='JPEG')
+                ref.load().save(partial, format=image_format)
         paths.append(str(path))
     return paths
 
@@ -50,12 +60,12 @@ def messages(images: list, text: str) -> list[dict]:
     return [{'type': 'image', 'value': image} for image in images] + [{'type': 'text', 'value': text}]
 
 
-def base_prompt(record: dict, image_dir=None) -> list[dict]:
-    return messages(image_values(record, image_dir), str(record['question']))
+def base_prompt(record: dict, image_dir=None, version=None) -> list[dict]:
+    return messages(image_values(record, image_dir, version), str(record['question']))
 
 
-def vqa_prompt(record: dict, image_dir=None) -> list[dict]:
-    return messages(image_values(record, image_dir), str(record['question']) + VQA_SUFFIX)
+def vqa_prompt(record: dict, image_dir=None, version=None) -> list[dict]:
+    return messages(image_values(record, image_dir, version), str(record['question']) + VQA_SUFFIX)
 
 
 def mcq_text(record: dict) -> str:
@@ -71,8 +81,8 @@ def mcq_text(record: dict) -> str:
     return text
 
 
-def mcq_prompt(record: dict, image_dir=None) -> list[dict]:
-    return messages(image_values(record, image_dir), mcq_text(record))
+def mcq_prompt(record: dict, image_dir=None, version=None) -> list[dict]:
+    return messages(image_values(record, image_dir, version), mcq_text(record))
 
 
 def interleave_images(msgs: list[dict], source: str = 'record') -> list[dict]:

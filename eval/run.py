@@ -11,7 +11,10 @@ JSON line per record (`index`, the benchmark's columns, `prediction`) to
 `<out>/<model>/<KEY>.predictions.jsonl`, flushed after every batch. A rerun skips the indices
 already there; a half-written last line (the process was killed mid-write) is dropped and
 counted. When the benchmark is complete the file is rewritten in data order, so a resumed
-run ends with the same file as an uninterrupted one.
+run ends with the same file as an uninterrupted one, and the same rows are written as
+VLMEvalKit's own prediction file `<out>/<model>/<model>_<KEY>.xlsx`, which VLMEvalKit's
+`evaluate` scores as it scores its own runs. `--vlmevalkit-version` picks the VLMEvalKit whose
+image files (PNG or JPEG), prediction file and scoring are reproduced (default: upstream main).
 
 With RANK / WORLD_SIZE set (torchrun, deepspeed), rank r answers records r::world into
 `<KEY>.rank{r}.jsonl`; after a barrier rank 0 merges them into the predictions file. A process
@@ -44,6 +47,8 @@ from eval.generate import DEFAULT_MAX_NEW_TOKENS, MLLMGenerator, check_export_di
 from eval.judge import judge_from_env
 from eval.report import write_report
 from eval.score import score_file
+from eval.vlmeval_files import write_vlmeval_predictions
+from eval.vlmevalkit_versions import VERSIONS, UnknownVersionError, get_version
 from viq.dtypes import default_device, parse_dtype
 from viq.errors import ConfigError, MissingFileError, UserError, run_cli
 from viq.io import atomic_write, atomic_write_json, read_json
@@ -250,7 +255,9 @@ def predict_benchmark(generator, benchmark, records: list[dict], model_dir: Path
             raise DataError(f'{benchmark.key}: {len(missing)} record(s) have no prediction after the run '
                             f'(first index {missing[0]!r}); rerun to complete them')
         # Data order, selected records only: a resumed run ends with the same bytes as a clean one.
-        write_rows_atomically(final, [rows[record_key(r)] for r in records])
+        ordered = [rows[record_key(r)] for r in records]
+        write_rows_atomically(final, ordered)
+        write_vlmeval_predictions(ordered, vlmeval_file(model_dir, benchmark.key), benchmark.version)
         if sharded:
             for shard in model_dir.glob(f'{benchmark.key}.rank*.jsonl'):
                 shard.unlink()
@@ -274,11 +281,16 @@ def collect_scores(out: Path) -> dict:
     return results
 
 
-def score_and_report(keys: list[str], model_dir: Path, out: Path, data_root, judge) -> dict:
+def vlmeval_file(model_dir: Path, key: str) -> Path:
+    """VLMEvalKit's name for a prediction file: <work_dir>/<model>_<dataset>.xlsx."""
+    return model_dir / f'{model_dir.name}_{key}.xlsx'
+
+
+def score_and_report(keys: list[str], model_dir: Path, out: Path, data_root, judge, version=None) -> dict:
     scores_path = model_dir / SCORES_FILE
     scores = read_json(scores_path) if scores_path.is_file() else {}
     for key in keys:
-        scores[key] = score_file(key, model_dir / f'{key}{PREDICTIONS_SUFFIX}', data_root, judge)
+        scores[key] = score_file(key, model_dir / f'{key}{PREDICTIONS_SUFFIX}', data_root, judge, version)
     atomic_write(scores_path, json.dumps(scores, indent=2, ensure_ascii=False, allow_nan=False) + '\n')
     json_path, md_path = write_report(collect_scores(out), out)
     return {'scores': {k: scores[k] for k in keys}, 'report_json': str(json_path), 'report_md': str(md_path)}
@@ -332,9 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--model-name', default=None, help='row name in the report (default: the export dir name)')
     parser.add_argument('--system', default=None, help="system prompt (default: Qwen2.5's, as in training)")
     parser.add_argument('--image-dir', default=None,
-                        help='where benchmark images are dumped as JPEG like VLMEvalKit (default: <out>/images)')
+                        help="where benchmark images are dumped like VLMEvalKit's dump_image (default: <out>/images)")
     parser.add_argument('--in-memory-images', action='store_true',
-                        help='feed decoded images directly instead of VLMEvalKit-style JPEG dumps')
+                        help='feed decoded images directly instead of VLMEvalKit-style image files')
+    parser.add_argument('--vlmevalkit-version', default=None,
+                        help=f"the VLMEvalKit whose image files, prediction file and scoring to reproduce: "
+                             f"{', '.join(VERSIONS)} (default: main)")
     parser.add_argument('--overwrite', action='store_true', help='discard existing predictions of these benchmarks')
     parser.add_argument('--judge-base-url', default=None, help='SimpleVQA judge endpoint (or VIQ_JUDGE_BASE_URL)')
     parser.add_argument('--judge-model', default=None, help='SimpleVQA judge model (or VIQ_JUDGE_MODEL)')
@@ -350,7 +365,11 @@ def run(args) -> dict:
     data_root = Path(args.data_root)
     if not data_root.is_dir():
         raise MissingFileError(f'--data-root {data_root}: directory not found (it should hold <KEY>.tsv files)')
-    benchmarks = {key: get_benchmark(key) for key in keys}
+    try:
+        version = get_version(args.vlmevalkit_version)
+    except UnknownVersionError as exc:
+        raise RunError(f'--vlmevalkit-version: {exc}') from None
+    benchmarks = {key: get_benchmark(key, version) for key in keys}
     for benchmark in benchmarks.values():
         benchmark.data_path(data_root)   # a missing file fails now, naming the paths, not after model loading
     check_export_dir(args.model)
@@ -367,7 +386,8 @@ def run(args) -> dict:
         model_dir.mkdir(parents=True, exist_ok=True)
         check_settings(model_dir, {'model': str(Path(args.model).resolve()), 'max_new_tokens': args.max_new_tokens,
                                    'dtype': str(dtype).replace('torch.', ''), 'system': args.system,
-                                   'in_memory_images': args.in_memory_images}, args.overwrite, keys)
+                                   'in_memory_images': args.in_memory_images, 'vlmevalkit_version': version.name},
+                       args.overwrite, keys)
     ranks.barrier()
     image_dir = None if args.in_memory_images else Path(args.image_dir) if args.image_dir else out / 'images'
 
@@ -386,7 +406,7 @@ def run(args) -> dict:
     summary = {'model': model_name, 'benchmarks': counts}
     if ranks.rank == 0:
         judge = judge_from_env(args.judge_base_url, args.judge_model)
-        summary.update(score_and_report(keys, model_dir, out, data_root, judge))
+        summary.update(score_and_report(keys, model_dir, out, data_root, judge, version))
     ranks.barrier()
     ranks.close()
     return summary

@@ -45,11 +45,12 @@ class UnknownBenchmarkError(ConfigError, KeyError):
         return str(self.args[0])
 
 
-def get_benchmark(key: str, **kwargs) -> Benchmark:
-    """The benchmark for a VLMEvalKit key; unknown keys fail listing the valid ones."""
+def get_benchmark(key: str, version=None, **kwargs) -> Benchmark:
+    """The benchmark for a VLMEvalKit key, scoring as `version` (eval.vlmevalkit_versions; default:
+    main) does; unknown keys fail listing the valid ones."""
     if key not in BENCHMARKS:
         raise UnknownBenchmarkError(f'unknown benchmark {key!r}; valid keys: {", ".join(BENCHMARKS)}')
-    return BENCHMARKS[key](key, **kwargs)
+    return BENCHMARKS[key](key, version=version, **kwargs)
 
 
 __all__ = ['BENCHMARKS', 'PAPER_BENCHMARKS', 'Benchmark', 'ChoiceBenchmark', 'UnknownBenchmarkError', 'VQABenchmark',

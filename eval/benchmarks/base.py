@@ -2,7 +2,9 @@
 
 Three scoring families mirror VLMEvalKit's dataset classes: VQABenchmark
 (ImageVQADataset.evaluate), ChoiceBenchmark (ImageMCQDataset.evaluate with
-exact_matching) and the OCRBench / SimpleVQA classes in their own files.
+exact_matching) and the OCRBench / SimpleVQA classes in their own files. A benchmark scores
+as one VLMEvalKit version does (`version`, eval.vlmevalkit_versions; default: main);
+`row_hits` gives the per-question hits behind the aggregates.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from eval.metrics.aggregate import choice_table, vqa_table
 from eval.metrics.choice import choice_hit
 from eval.metrics.vqa import VQA_METHODS, answer_list, as_text
 from eval.prompts import mcq_prompt, vqa_prompt
+from eval.vlmevalkit_versions import get_version
 
 
 class Benchmark:
@@ -23,8 +26,9 @@ class Benchmark:
     data_columns: tuple = ('index', 'question', 'answer')   # required in the benchmark data
     score_columns: tuple = ('answer',)                       # required (with prediction) to score
 
-    def __init__(self, key: str | None = None):
+    def __init__(self, key: str | None = None, version=None):
         self.key = key or self.key
+        self.version = get_version(version)
 
     # ------------------------------------------------------------------ data
     def data_path(self, data_root) -> Path:
@@ -66,6 +70,10 @@ class Benchmark:
     def score(self, records: list[dict], source='predictions') -> dict:
         raise NotImplementedError
 
+    def row_hits(self, records: list[dict], source='predictions') -> list[float]:
+        """The per-question hit of every record (what the aggregates average or sum)."""
+        raise NotImplementedError
+
     def headline(self, aggregates: dict) -> float | None:
         """The benchmark's one number on a 0-100 scale (for the summary table)."""
         return aggregates.get('Overall')
@@ -84,15 +92,15 @@ class VQABenchmark(Benchmark):
     method: str = 'vqa_score'
 
     def build_prompt(self, record, image_dir=None):
-        return vqa_prompt(record, image_dir)
+        return vqa_prompt(record, image_dir, self.version)
 
-    def hits(self, records: list[dict]) -> list[float]:
+    def row_hits(self, records: list[dict], source='predictions') -> list[float]:
+        self.check_predictions(records, source)
         metric = VQA_METHODS[self.method]
-        return [metric(as_text(r.get('prediction')), answer_list(r.get('answer'))) for r in records]
+        return [metric(as_text(r.get('prediction')), answer_list(r.get('answer')), self.version) for r in records]
 
     def score(self, records, source='predictions'):
-        self.check_predictions(records, source)
-        return vqa_table(self.hits(records), _column(records, 'split'), _column(records, 'category'))
+        return vqa_table(self.row_hits(records, source), _column(records, 'split'), _column(records, 'category'))
 
 
 class ChoiceBenchmark(Benchmark):
@@ -104,13 +112,21 @@ class ChoiceBenchmark(Benchmark):
     headline_split: str | None = None   # which split's Overall is the headline, if several
 
     def build_prompt(self, record, image_dir=None):
-        return mcq_prompt(record, image_dir)
+        return mcq_prompt(record, image_dir, self.version)
+
+    @staticmethod
+    def lower_columns(records: list[dict]) -> list[dict]:
+        # Upstream lower-cases every column name except the option letters.
+        return [{(k if len(k) == 1 and k.isupper() else k.lower()): v for k, v in r.items()} for r in records]
+
+    def row_hits(self, records, source='predictions'):
+        records = self.lower_columns(records)
+        self.check_predictions(records, source)
+        return [choice_hit(r, mmmu=self.mmmu, version=self.version) for r in records]
 
     def score(self, records, source='predictions'):
-        # Upstream lower-cases every column name except the option letters.
-        records = [{(k if len(k) == 1 and k.isupper() else k.lower()): v for k, v in r.items()} for r in records]
-        self.check_predictions(records, source)
-        hits = [choice_hit(r, mmmu=self.mmmu) for r in records]
+        hits = self.row_hits(records, source)
+        records = self.lower_columns(records)
         return choice_table(hits, _column(records, 'split'), _column(records, 'l2-category'),
                             _column(records, 'category'))
 

@@ -30,7 +30,8 @@ class MMMU(ChoiceBenchmark):
     headline_split = 'validation'
 
     def build_prompt(self, record, image_dir=None):
-        return interleave_images(mcq_prompt(record, image_dir), f"{self.key} index {record.get('index')}")
+        return interleave_images(mcq_prompt(record, image_dir, self.version),
+                                 f"{self.key} index {record.get('index')}")
 
     def convert_hf_row(self, row, row_number):
         source = f'{self.key} HF data'

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from eval.benchmarks.base import Benchmark
 from eval.data import hf_field, hf_image
-from eval.metrics.ocrbench import ocrbench_scores
+from eval.metrics.ocrbench import ocrbench_hit, ocrbench_scores
 from eval.prompts import base_prompt
 
 
@@ -32,11 +32,16 @@ class OCRBench(Benchmark):
                 'image': [image]}
 
     def build_prompt(self, record, image_dir=None):
-        return base_prompt(record, image_dir)
+        return base_prompt(record, image_dir, self.version)
+
+    def row_hits(self, records, source='predictions'):
+        self.check_predictions(records, source)
+        return [float(ocrbench_hit(r.get('prediction'), r.get('answer'), r.get('category'))) for r in records]
 
     def score(self, records, source='predictions'):
         self.check_predictions(records, source)
-        return ocrbench_scores(records, str(source))
+        return ocrbench_scores(records, str(source), self.version)
 
     def headline(self, aggregates):
-        return aggregates['Final Score'] / 10
+        total = aggregates['Final Score']
+        return (total['sum'] if isinstance(total, dict) else total) / 10

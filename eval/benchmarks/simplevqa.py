@@ -25,8 +25,8 @@ class SimpleVQA(Benchmark):
     key = 'SimpleVQA'
     score_columns = ('question', 'answer')
 
-    def __init__(self, key=None, judge: JudgeClient | None = None):
-        super().__init__(key)
+    def __init__(self, key=None, judge: JudgeClient | None = None, version=None):
+        super().__init__(key, version)
         self.judge = judge
 
     def convert_hf_row(self, row, row_number):
@@ -39,7 +39,7 @@ class SimpleVQA(Benchmark):
                 'answer': hf_field(row, ('answer',), source, row_number), 'image': [image]}
 
     def build_prompt(self, record, image_dir=None):
-        return base_prompt(record, image_dir)
+        return base_prompt(record, image_dir, self.version)
 
     def score(self, records, source='predictions'):
         self.check_predictions(records, source)

@@ -11,6 +11,10 @@ prediction to an option letter without any LLM:
    unique option whose text occurs in the lower-cased prediction.
 3. Nothing found -> 'Z' (never equal to a gold letter, so a miss).
 
+Three of these rules depend on the VLMEvalKit version (eval.vlmevalkit_versions): the
+last-tokens window and the length guard are absent from nvidia-vlmeval 26.3, the "answer is
+X" rule from both index snapshots.
+
 MMMU open questions (no option A) become two-option questions: A = the gold answer text,
 B = 'Other Answers', gold = 'A'.
 """
@@ -20,6 +24,7 @@ import re
 import string
 
 from eval.metrics.vqa import as_text
+from eval.vlmevalkit_versions import get_version
 
 OPTION_LETTERS = tuple(string.ascii_uppercase)
 NO_ANSWER = 'Z'
@@ -52,7 +57,8 @@ def build_choices(record: dict) -> dict[str, str]:
     }
 
 
-def can_infer_option(answer: str, choices: dict) -> str | None:
+def can_infer_option(answer: str, choices: dict, version=None) -> str | None:
+    version = get_version(version)
     if _API_FAILURE in answer:
         return None
     for refusal in _REFUSALS:
@@ -65,33 +71,34 @@ def can_infer_option(answer: str, choices: dict) -> str | None:
     letters_present = [c for c in choices if c in tokens]
     if len(letters_present) == 1:
         letter = letters_present[0]
-        if tokens.index(letter) > len(tokens) - _LAST_TOKENS_WINDOW:
+        if not version.option_last_tokens or tokens.index(letter) > len(tokens) - _LAST_TOKENS_WINDOW:
             return letter
     elif not letters_present and NO_ANSWER in tokens:
         return NO_ANSWER
-    match = _ANSWER_IS.search(answer)
-    if match and match.group(1).upper() in choices:
-        return match.group(1).upper()
+    if version.answer_is_rule:
+        match = _ANSWER_IS.search(answer)
+        if match and match.group(1).upper() in choices:
+            return match.group(1).upper()
     return None
 
 
-def can_infer_text(answer: str, choices: dict) -> str | None:
+def can_infer_text(answer: str, choices: dict, version=None) -> str | None:
     answer = answer.lower()
     # A long, rambling prediction mentions many options by accident: give up instead.
-    if len(answer) > 2 * sum(len(str(v)) for v in choices.values()):
+    if get_version(version).option_text_length_guard and len(answer) > 2 * sum(len(str(v)) for v in choices.values()):
         return None
     found = [letter for letter, text in choices.items() if str(text).lower() in answer]
     return found[0] if len(found) == 1 else None
 
 
-def can_infer(answer, choices: dict) -> str | None:
+def can_infer(answer, choices: dict, version=None) -> str | None:
     answer = as_text(answer)
-    return can_infer_option(answer, choices) or can_infer_text(answer, choices)
+    return can_infer_option(answer, choices, version) or can_infer_text(answer, choices, version)
 
 
-def extract_choice(prediction, choices: dict) -> str:
+def extract_choice(prediction, choices: dict, version=None) -> str:
     """The option letter VLMEvalKit's exact matching reads from `prediction`, or 'Z'."""
-    return can_infer(prediction, choices) or NO_ANSWER
+    return can_infer(prediction, choices, version) or NO_ANSWER
 
 
 def mmmu_open_as_choice(record: dict) -> dict:
@@ -111,11 +118,11 @@ def mmmu_gold_letter(answer) -> str:
     return text if text in OPTION_LETTERS else 'A'
 
 
-def choice_hit(record: dict, mmmu: bool = False) -> int:
+def choice_hit(record: dict, mmmu: bool = False, version=None) -> int:
     """1 when the extracted letter equals the gold letter, else 0."""
     if mmmu:
         record = mmmu_open_as_choice(record)
         gold = mmmu_gold_letter(record.get('answer'))
     else:
         gold = as_text(record.get('answer'))
-    return int(extract_choice(record.get('prediction'), build_choices(record)) == gold)
+    return int(extract_choice(record.get('prediction'), build_choices(record), version) == gold)

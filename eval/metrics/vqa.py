@@ -11,7 +11,8 @@ Three per-question scores and the rule that turns per-answer matches into one hi
   maximised over the gold answers.
 
 Quirks that change numbers are kept on purpose (each is marked "quirk" below), because the
-point of this module is that our scores equal VLMEvalKit's for the same predictions.
+point of this module is that our scores equal VLMEvalKit's for the same predictions. Rules that
+differ between VLMEvalKit versions take a `version` (eval.vlmevalkit_versions; default: main).
 """
 from __future__ import annotations
 
@@ -20,15 +21,15 @@ import re
 
 import numpy as np
 
+from eval.vlmevalkit_versions import get_version
+
 # The punctuation characters of the VQA evaluation; order matters (see process_punctuation).
 _PUNCTUATION = [';', '/', '[', ']', '"', '{', '}', '(', ')', '=', '+', '\\', '_', '-',
                 '>', '<', '@', '`', ',', '?', '!']
 _COMMA_BETWEEN_DIGITS = re.compile(r'(\d)(,)(\d)')
-# quirk: upstream wrote "(?!<=\d)" (a negative look-AHEAD for the text "<=" + digit, which
-# never matches at a '.') where a look-behind was meant, so every '.' that is not followed
-# by a digit is removed, including the one in "3." after a digit.
-_PERIOD_NOT_BEFORE_DIGIT = re.compile(r'(?!<=\d)(\.)(?!\d)')
-# quirk: upstream calls periodStrip.sub("", text, re.UNICODE); the third positional
+# The period pattern is the version's (period_pattern): main deletes a '.' with no digit on either
+# side; older snapshots every '.' not followed by a digit (their "(?!<=\d)" typo).
+# quirk, in every version: upstream calls periodStrip.sub("", text, re.UNICODE); the third positional
 # argument of Pattern.sub is `count`, and re.UNICODE == 32, so at most 32 periods go.
 _PERIOD_STRIP_COUNT = int(re.UNICODE)
 
@@ -101,7 +102,7 @@ def answer_list(answer) -> list[str]:
     return [text]
 
 
-def process_punctuation(text: str) -> str:
+def process_punctuation(text: str, version=None) -> str:
     out = text
     has_digit_comma = _COMMA_BETWEEN_DIGITS.search(text) is not None
     for p in _PUNCTUATION:
@@ -110,7 +111,7 @@ def process_punctuation(text: str) -> str:
             out = out.replace(p, '')
         else:
             out = out.replace(p, ' ')
-    return _PERIOD_NOT_BEFORE_DIGIT.sub('', out, _PERIOD_STRIP_COUNT)
+    return get_version(version).period_pattern.sub('', out, _PERIOD_STRIP_COUNT)
 
 
 def process_digit_article(text: str) -> str:
@@ -122,16 +123,16 @@ def process_digit_article(text: str) -> str:
     return ' '.join(_CONTRACTIONS.get(w, w) for w in words)
 
 
-def normalize_vqa_answer(answer: str) -> str:
+def normalize_vqa_answer(answer: str, version=None) -> str:
     """VLMEvalKit's process_answer: whitespace, punctuation, digits/articles/contractions."""
     answer = answer.replace('\n', ' ').replace('\t', ' ').strip()
-    return process_digit_article(process_punctuation(answer))
+    return process_digit_article(process_punctuation(answer, version))
 
 
-def vqa_accuracy(prediction: str, answers: list[str]) -> float:
+def vqa_accuracy(prediction: str, answers: list[str], version=None) -> float:
     """Leave-one-out VQA accuracy: mean over i of min(1, #(j != i with gt_j == pred) / 3)."""
-    gts = [normalize_vqa_answer(a) for a in answers]
-    pred = normalize_vqa_answer(prediction)
+    gts = [normalize_vqa_answer(a, version) for a in answers]
+    pred = normalize_vqa_answer(prediction, version)
     per_set = []
     for i in range(len(gts)):
         agreeing = sum(1 for j, g in enumerate(gts) if j != i and g == pred)
@@ -166,9 +167,10 @@ def normalized_edit_distance(gold: str, prediction: str) -> float:
     return 0.0 if length == 0 else distance / length
 
 
-def anls(prediction: str, answers: list[str], threshold: float = 0.5) -> float:
+def anls(prediction: str, answers: list[str], version=None, threshold: float = 0.5) -> float:
     """Per-question ANLS: best similarity over the gold answers; below `threshold` -> 0,
-    exactly `threshold` is kept (upstream tests `similarity < threshold`)."""
+    exactly `threshold` is kept (upstream tests `similarity < threshold`). The same in every
+    version we reproduce."""
     similarity = 1 - min(normalized_edit_distance(a, prediction) for a in answers)
     return 0.0 if similarity < threshold else similarity
 
@@ -194,20 +196,24 @@ def relaxed_correctness(target: str, prediction: str, max_relative_change: float
     return prediction.lower() == target.lower()
 
 
-def relaxed_accuracy(prediction: str, answers: list[str]) -> float:
-    """Per-question ChartQA hit: the prediction is stripped, the gold answers are not."""
+def relaxed_accuracy(prediction: str, answers: list[str], version=None) -> float:
+    """Per-question ChartQA hit: the prediction is stripped, the gold answers are not. Older
+    snapshots call relaxed_correctness(prediction, target): the tolerance is then relative to
+    the prediction and a zero prediction (not target) falls back to string comparison."""
     prediction = prediction.strip()
-    return float(max(relaxed_correctness(a, prediction) for a in answers))
+    if get_version(version).relaxed_target_first:
+        return float(max(relaxed_correctness(a, prediction) for a in answers))
+    return float(max(relaxed_correctness(prediction, a) for a in answers))
 
 
-def exact_accuracy(prediction: str, answers: list[str]) -> float:
+def exact_accuracy(prediction: str, answers: list[str], version=None) -> float:
     """OCRVQA/GQA-style exact match (stripped, case-insensitive), max over gold answers;
     also the documented no-judge fallback for SimpleVQA."""
     pred = prediction.strip().lower()
     return float(max(a.strip().lower() == pred for a in answers))
 
 
-# Method name -> per-question scorer (prediction, gold answers) -> hit in [0, 1].
+# Method name -> per-question scorer (prediction, gold answers, version) -> hit in [0, 1].
 VQA_METHODS = {
     'vqa_score': vqa_accuracy,
     'anls': anls,

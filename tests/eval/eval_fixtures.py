@@ -26,3 +26,13 @@ def write_tsv(path, header, rows):
 def write_jsonl(path, rows):
     path.write_text(''.join(json.dumps(r) + '\n' for r in rows), encoding='utf-8')
     return path
+
+
+def send_json(handler, payload: dict) -> None:
+    """Reply 200 with a JSON body from a BaseHTTPRequestHandler (the local judge endpoints)."""
+    body = json.dumps(payload).encode()
+    handler.send_response(200)
+    handler.send_header('Content-Type', 'application/json')
+    handler.send_header('Content-Length', str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)

@@ -1,5 +1,8 @@
-"""VLMEvalKit and lm-eval adapters: import without the harnesses, core computations on the tiny export."""
-import importlib.util
+"""VLMEvalKit and lm-eval adapters: broken installs fail in one line, core computations on the tiny export."""
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +17,7 @@ from eval.benchmarks import get_benchmark
 from eval.generate import MLLMGenerator
 from test_run import build_tiny_export
 
-HAVE_VLMEVAL = importlib.util.find_spec('vlmeval') is not None
-HAVE_LM_EVAL = importlib.util.find_spec('lm_eval') is not None
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope='module')
@@ -34,11 +36,43 @@ def text_model(export):
 # --------------------------------------------------------------------------- VLMEvalKit
 
 
-@pytest.mark.skipif(HAVE_VLMEVAL, reason='checks the behaviour without VLMEvalKit')
-def test_vlmevalkit_adapter_imports_without_vlmeval_and_explains_on_use():
-    with pytest.raises(ImportError, match=r'needs VLMEvalKit \(the `vlmeval` package\)'):
-        vlmevalkit.ViQMLLMVLMEval(model_path='runs/x/hf')
-    assert vlmevalkit.ViQMLLMVLMEval.INTERLEAVE is True
+def run_with_broken(package: str, error: str, code: str, tmp_path):
+    """Run `code` where importing `package` raises RuntimeError(error), as a broken install does."""
+    site = tmp_path / 'site'
+    (site / package).mkdir(parents=True)
+    (site / package / '__init__.py').write_text(f'raise RuntimeError({error!r})\n')
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(site), str(REPO)])}
+    done = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines(), done.stderr
+
+
+def test_a_torchvision_that_cannot_be_imported_gets_a_placeholder(tmp_path):
+    """The index's torchvision next to the CPU torch dies with a RuntimeError at import time."""
+    lines, _ = run_with_broken(
+        'torchvision', 'operator torchvision::nms does not exist',
+        'from eval.adapters.vlmeval_import import ensure_torchvision_importable\n'
+        'print(ensure_torchvision_importable())\n'
+        'from torchvision.transforms import InterpolationMode\n'
+        'import torchvision.transforms as T\n'
+        'class Aug(T.Compose): pass\n'
+        'mode = InterpolationMode.BICUBIC\n'
+        'try:\n    T.Resize(224)\nexcept RuntimeError as e:\n    print(e)\n', tmp_path)
+    assert lines == [
+        'RuntimeError: operator torchvision::nms does not exist',
+        'torchvision.transforms.Resize is unavailable: torchvision could not be imported (RuntimeError: operator '
+        'torchvision::nms does not exist); VLMEvalKit was imported with a placeholder in its place']
+
+
+def test_a_broken_vlmeval_is_a_one_line_import_error(tmp_path):
+    lines, _ = run_with_broken(
+        'vlmeval', 'CUDA driver version is insufficient',
+        'import eval.adapters.vlmevalkit as adapter\n'
+        'print(adapter.as_message_list("text only"))\n'
+        'try:\n    adapter.ViQMLLMVLMEval\nexcept ImportError as e:\n    print(e)\n', tmp_path)
+    assert lines == [
+        "[{'type': 'text', 'value': 'text only'}]",
+        f'{vlmevalkit.MISSING_VLMEVAL} (importing it failed: RuntimeError: CUDA driver version is insufficient)']
 
 
 def test_vlmevalkit_message_forms(tmp_path):
@@ -64,12 +98,14 @@ def test_vlmevalkit_answer_is_the_eval_run_answer(export, tmp_path):
 # --------------------------------------------------------------------------- lm-eval
 
 
-@pytest.mark.skipif(HAVE_LM_EVAL, reason='checks the behaviour without lm-eval')
-def test_lm_eval_adapter_imports_without_lm_eval_and_explains_on_use(capsys):
-    with pytest.raises(ImportError, match=r'needs lm-evaluation-harness \(the `lm_eval` package\): pip install lm_eval'):
-        lm_adapter.ViQMLLMLM(pretrained='runs/x/hf')
-    assert lm_adapter.main(['--tasks', 'hellaswag']) == 2
-    assert capsys.readouterr().err == f'error: {lm_adapter.MISSING_LM_EVAL}\n'
+def test_a_broken_lm_eval_leaves_the_module_importable(tmp_path):
+    lines, stderr = run_with_broken(
+        'lm_eval', 'incompatible torch',
+        'import eval.adapters.lm_eval as adapter\n'
+        'try:\n    adapter.ViQMLLMLM(pretrained="x")\nexcept ImportError as e:\n    print(e)\n'
+        'print(adapter.main(["--tasks", "hellaswag"]))\n', tmp_path)
+    assert lines == [f'{lm_adapter.MISSING_LM_EVAL} (RuntimeError: incompatible torch)', '2']
+    assert stderr == f'error: {lm_adapter.MISSING_LM_EVAL}\n'
 
 
 def test_encode_pair_follows_the_hf_model_rules(text_model):
@@ -80,6 +116,9 @@ def test_encode_pair_follows_the_hf_model_rules(text_model):
     assert tokenizer.decode(continuation) == ' blue'
     assert encode_pair(tokenizer, '', 'Hello') == ([prefix_token_id(tokenizer)], tokenizer.encode('Hello'))
     assert prefix_token_id(tokenizer) == tokenizer.eos_token_id   # Qwen2.5 has no bos token
+    # An empty context whose continuation starts with the prefix token: that token is the context.
+    prefix = tokenizer.decode([prefix_token_id(tokenizer)])
+    assert encode_pair(tokenizer, '', prefix + 'Hello') == ([prefix_token_id(tokenizer)], tokenizer.encode('Hello'))
 
 
 def manual_logprob(llm, context, continuation, max_length):

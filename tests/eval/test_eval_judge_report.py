@@ -12,7 +12,7 @@ import pytest
 from eval.benchmarks import get_benchmark
 from eval.judge import JudgeClient, parse_grade, simplevqa_judge_scores
 from eval.report import summary, write_report
-from eval_fixtures import write_jsonl
+from eval_fixtures import send_json, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 REPLIES = {'Paris': 'CORRECT', 'London': '**INCORRECT**', 'Lyon?': 'Hmm, hard to say.'}
@@ -30,12 +30,7 @@ class FakeChatCompletions(BaseHTTPRequestHandler):
             self.send_response(500)
             self.end_headers()
             return
-        payload = json.dumps({'choices': [{'message': {'role': 'assistant', 'content': REPLIES[prediction]}}]}).encode()
-        self.send_response(200)
-        self.send_header('Content-Type', 'application/json')
-        self.send_header('Content-Length', str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        send_json(self, {'choices': [{'message': {'role': 'assistant', 'content': REPLIES[prediction]}}]})
 
     def log_message(self, *args):
         pass

@@ -34,11 +34,16 @@ def test_multiple_choice_block(key):
     assert get_benchmark(key).build_prompt(_record(A='cat', hint=None))[-1]['value'].startswith('Question: ')
 
 
-def test_image_dir_writes_jpeg_named_by_index(tmp_path):
-    prompt = get_benchmark('DocVQA_VAL').build_prompt(_record(), image_dir=tmp_path)
-    assert prompt[0]['value'] == str(tmp_path / '7.jpg')
-    with Image.open(prompt[0]['value']) as image:
-        assert image.format == 'JPEG' and image.mode == 'RGB'
+def test_image_dir_writes_the_versions_dump_image_files(tmp_path):
+    # Upstream main and ms-vlmeval dump a single image as <index>.png; nvidia-vlmeval as <index>.jpg.
+    for version, name, image_format in (('main', '7.png', 'PNG'), ('ms-vlmeval-0.0.20', '7.png', 'PNG'),
+                                        ('nvidia-vlmeval-26.3', '7.jpg', 'JPEG')):
+        prompt = get_benchmark('DocVQA_VAL', version).build_prompt(_record(), image_dir=tmp_path / version)
+        assert prompt[0]['value'] == str(tmp_path / version / name)
+        with Image.open(prompt[0]['value']) as image:
+            assert image.format == image_format and image.mode == 'RGB'
+    named = get_benchmark('DocVQA_VAL').build_prompt({**_record(), 'image_path': ['page.png']}, image_dir=tmp_path)
+    assert named[0]['value'] == str(tmp_path / 'page.png')
 
 
 def test_interleave_rejects_bad_markers():

@@ -90,3 +90,27 @@ def test_malformed_jsonl_line(tmp_path):
 def test_unknown_benchmark_lists_keys(tmp_path):
     done = run_score('--benchmark', 'VQAv2', '--predictions', tmp_path / 'x.jsonl')
     assert done.returncode == 2 and "valid keys: MMStar, MMMU_DEV_VAL, SimpleVQA" in done.stderr
+
+
+def test_scores_follow_vlmevalkits_prediction_file_round_trip(tmp_path):
+    """An all-numeric prediction column comes back from VLMEvalKit's file as floats: '007' -> 7.0."""
+    gold = "['007', '007', '007', '007', '007', '007', '007', '007', '007', '007']"
+    numeric = write_jsonl(tmp_path / 'numeric.jsonl', [{'index': i, 'answer': gold, 'prediction': '007'} for i in range(3)])
+    done = run_score('--benchmark', 'TextVQA_VAL', '--predictions', numeric)
+    assert json.loads(done.stdout) == {'Overall': 0.0}
+    mixed = write_jsonl(tmp_path / 'mixed.jsonl', [{'index': i, 'answer': gold, 'prediction': p}
+                                                   for i, p in enumerate(['007', '007', 'seven'])])
+    done = run_score('--benchmark', 'TextVQA_VAL', '--predictions', mixed)
+    assert json.loads(done.stdout) == {'Overall': pytest.approx(200 / 3)}
+    # VLMEvalKit's own .xlsx is read as it is: the same numbers.
+    from eval.vlmeval_files import write_vlmeval_predictions
+    xlsx = write_vlmeval_predictions([json.loads(line) for line in numeric.read_text().splitlines()],
+                                     tmp_path / 'M_TextVQA_VAL.xlsx')
+    assert json.loads(run_score('--benchmark', 'TextVQA_VAL', '--predictions', xlsx).stdout) == {'Overall': 0.0}
+
+
+def test_unknown_vlmevalkit_version_lists_the_valid_ones(tmp_path):
+    predictions = write_jsonl(tmp_path / 'p.jsonl', [{'index': 1, 'answer': 'a', 'prediction': 'a'}])
+    done = run_score('--benchmark', 'DocVQA_VAL', '--predictions', predictions, '--vlmevalkit-version', '0.2')
+    assert done.returncode == 2 and done.stderr == (
+        "error: unknown VLMEvalKit version '0.2'; valid: main, ms-vlmeval-0.0.20, nvidia-vlmeval-26.3\n")
