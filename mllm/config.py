@@ -18,6 +18,7 @@ import yaml
 from data.dataset import VISION_SOURCES
 from data.packing import OVERLONG_POLICIES
 from mllm.attention import ATTENTION_BACKENDS
+from mllm.lora import LoraSettings
 from mllm.loss import LOSS_IMPLEMENTATIONS
 from mllm.vocab_tables import EMBEDDING_INITS
 from viq.config import ConfigError, apply_overrides, from_dict
@@ -41,6 +42,7 @@ class ModelConfig:
     loss_impl: str = "chunked"  # chunked (recompute logits in backward) | fused (gradients in the forward; ZeRO <= 2)
     loss_chunk_size: int = 1024  # rows of logits alive at a time
     compile_layers: bool = False  # torch.compile each decoder layer (GPU: fuses norm / RoPE / SwiGLU)
+    lora: LoraSettings = field(default_factory=LoraSettings)  # LoRA on the body, code rows in full (mllm/lora.py)
 
 
 @dataclass
@@ -131,6 +133,7 @@ class TrainConfig:
         if self.model.loss_impl == "fused" and self.trainer.zero_stage == 3:
             raise ConfigError("config key 'model.loss_impl' is 'fused', which needs the whole head weight on each rank: "
                               "use trainer.zero_stage <= 2 or model.loss_impl=chunked")
+        self.model.lora.validate(self)
         positive = {
             "data.max_seq_len": self.data.max_seq_len,
             "data.buffer_size": self.data.buffer_size,
