@@ -32,7 +32,7 @@ cmd=${1:-}
 case "$cmd" in
     train)
         setup
-        export PATH="$PWD/$VENV/bin:$PATH"
+        case $VENV in /*) export PATH="$VENV/bin:$PATH" ;; *) export PATH="$PWD/$VENV/bin:$PATH" ;; esac
         exec deepspeed scripts/train_mllm.py "$@"
         ;;
     test)

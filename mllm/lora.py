@@ -124,8 +124,10 @@ def apply_lora(model, settings: LoraSettings) -> dict[str, int]:
     inject_adapter_in_model(peft_lora_config(settings), llm, adapter_name=ADAPTER)
     set_llm_trainable(model, True, text_rows=settings.train_text_rows)
     counts = lora_trainable_counts(model)
-    log.info("LoRA r=%d alpha=%g on %s%s: %s", settings.rank, settings.alpha, ", ".join(settings.target_modules),
-             f" of layers {settings.layers}" if settings.layers else "", counts)
+    # What finally trains is the trainer's to report (tokenizer training freezes the code rows again).
+    log.info("LoRA r=%d alpha=%g on %s%s: %s adapter parameters", settings.rank, settings.alpha,
+             ", ".join(settings.target_modules), f" of layers {settings.layers}" if settings.layers else "",
+             f"{counts['adapters']:,}")
     return counts
 
 
