@@ -29,16 +29,29 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def _encode_rng(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode()
+
+
+def _decode_rng(text: str) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
+
+
 def rng_state() -> dict:
-    return {
-        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    state = {
+        "torch": _encode_rng(torch.get_rng_state()),
         "numpy": _np_state_to_json(np.random.get_state()),
         "python": _py_state_to_json(random.getstate()),
     }
+    if torch.cuda.is_available():  # dropout on the GPU (e.g. model.lora.dropout) draws from the device's generator
+        state["cuda"] = _encode_rng(torch.cuda.get_rng_state())
+    return state
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()))
+    torch.set_rng_state(_decode_rng(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_decode_rng(state["cuda"]))
     np.random.set_state(_np_state_from_json(state["numpy"]))
     random.setstate(_py_state_from_json(state["python"]))
 

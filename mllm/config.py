@@ -18,6 +18,7 @@ import yaml
 from data.dataset import VISION_SOURCES
 from data.packing import OVERLONG_POLICIES
 from mllm.attention import ATTENTION_BACKENDS
+from mllm.lora import LoraSettings
 from mllm.loss import LOSS_IMPLEMENTATIONS
 from mllm.vocab_tables import EMBEDDING_INITS
 from viq.config import ConfigError, apply_overrides, from_dict
@@ -41,6 +42,7 @@ class ModelConfig:
     loss_impl: str = "chunked"  # chunked (recompute logits in backward) | fused (gradients in the forward)
     loss_chunk_size: int = 1024  # rows of logits alive at a time
     compile_layers: bool = False  # torch.compile each decoder layer (GPU: fuses norm / RoPE / SwiGLU)
+    lora: LoraSettings = field(default_factory=LoraSettings)  # LoRA on the body, code rows in full (mllm/lora.py)
 
 
 @dataclass
@@ -128,6 +130,7 @@ class TrainConfig:
                               f"valid values: {', '.join(map(str, ZERO_STAGES))}")
         if not 0.0 <= self.model.checkpoint_fraction <= 1.0:
             raise ConfigError(f"config key 'model.checkpoint_fraction' must be in [0, 1], got {self.model.checkpoint_fraction}")
+        self.model.lora.validate(self)
         positive = {
             "data.max_seq_len": self.data.max_seq_len,
             "data.buffer_size": self.data.buffer_size,

@@ -21,12 +21,15 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from data.vocab import SUBCODES, CodeVocab
+from mllm.lora import ADAPTER, has_lora, merge_lora_state_dict
 from mllm.model import ViQMLLM
 from mllm.vocab_tables import CODE_ROWS, TEXT_ROWS
 from mllm.presets import build_llm
+from viq.errors import CheckpointError
 
 FORMAT_NAME = "viq-mllm"
 FORMAT_VERSION = 1
+ADAPTER_FORMAT_NAME = "viq-mllm-lora-adapter"  # hf-adapter/ (mllm/lora_export.py): needs its base to load
 MERGER_FILE = "merger.safetensors"
 VOCAB_FILE = "vocab.json"
 MARKER_FILE = "viq_mllm.json"
@@ -108,30 +111,46 @@ def save_export(
     directory to copy, an object with `save_pretrained` (e.g. viq.ViQModel), or None.
     state_dict: a full ViQMLLM state dict ('llm.*', 'merger.*') to write instead of the module's
     own parameters, e.g. the 16-bit consolidated weights of a ZeRO-3 run (call on one rank).
-    The export always has the standard HF layout: split vocabulary tables (ViQMLLM.split_code_rows,
-    in the model or in `state_dict`) are merged into the written weights; the live model is untouched.
+    The export always has the standard HF layout: LoRA adapters (mllm.lora) are folded into their
+    layers and split vocabulary tables (ViQMLLM.split_code_rows) merged, in the model or in
+    `state_dict`; the live model is untouched.
     """
+    lora = has_lora(model.llm)
+    if state_dict is None and (model.code_rows_split or lora):
+        state_dict = model.state_dict()
+    if state_dict is not None:
+        if lora:
+            state_dict = merge_lora_state_dict(state_dict, model.llm.peft_config[ADAPTER])
+        state_dict = merge_split_tables(state_dict, tied=bool(model.llm.config.tie_word_embeddings))
+    llm_state, merger_state = _split_state_dict(state_dict) if state_dict is not None else (None, None)
+    if merger_state is None:
+        merger_state = model.merger.state_dict()
+    out, partial = Path(out_dir), staging_dir(out_dir)
+    model.llm.save_pretrained(partial, state_dict=llm_state)
+    marker = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "subcodes": SUBCODES, "hidden_size": model.merger.hidden_size}
+    write_companions(partial, merger_state, vocab, marker, tokenizer, viq_dir_or_config)
+    return publish(partial, out)
+
+
+def staging_dir(out_dir: str | Path) -> Path:
+    """An empty `<out_dir>.partial` to build an export in (see publish)."""
     out = Path(out_dir)
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
+    return partial
 
-    if state_dict is None and model.code_rows_split:
-        state_dict = model.state_dict()
-    if state_dict is not None:
-        state_dict = merge_split_tables(state_dict, tied=bool(model.llm.config.tie_word_embeddings))
-    llm_state, merger_state = _split_state_dict(state_dict) if state_dict is not None else (None, None)
-    if merger_state is None:
-        merger_state = model.merger.state_dict()
-    model.llm.save_pretrained(partial, state_dict=llm_state)
+
+def write_companions(partial: Path, merger_state: dict, vocab: CodeVocab, marker: dict, tokenizer=None,
+                     viq_dir_or_config=None) -> None:
+    """What every export holds beside the LLM weights: merger, vocab.json, the marker, tokenizer, viq/."""
     save_file(
         {k: v.detach().contiguous().cpu() for k, v in merger_state.items()},
         str(partial / MERGER_FILE),
         metadata={"format": "pt"},
     )
     (partial / VOCAB_FILE).write_text(json.dumps(vocab.to_dict(), indent=2) + "\n")
-    marker = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "subcodes": SUBCODES, "hidden_size": model.merger.hidden_size}
     (partial / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(partial)
@@ -148,6 +167,9 @@ def save_export(
                 f"viq_dir_or_config must be a directory path or an object with save_pretrained, got {type(viq_dir_or_config).__name__}"
             )
 
+
+def publish(partial: Path, out: Path) -> Path:
+    """Move a finished staging directory to `out`, replacing a previous export only once it is complete."""
     if out.exists():
         previous = out.with_name(out.name + ".previous")
         if previous.exists():
@@ -169,6 +191,9 @@ def load_export(
 ):
     """(ViQMLLM in eval mode, tokenizer or None, CodeVocab) from a `save_export` directory."""
     root = Path(export_dir)
+    if (root / MARKER_FILE).is_file() and json.loads((root / MARKER_FILE).read_text()).get("format") == ADAPTER_FORMAT_NAME:
+        raise CheckpointError(f"{root} holds a LoRA adapter without its base weights: load the merged export (hf/) instead, "
+                              f"or mllm.lora_export.load_adapter_export('{root}', base=<the base checkpoint directory>)")
     missing = [name for name in ("config.json", MERGER_FILE, VOCAB_FILE, MARKER_FILE) if not (root / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{root} is not a ViQ-MLLM export: missing {', '.join(missing)}")
@@ -177,19 +202,27 @@ def load_export(
         raise ValueError(
             f"{root / MARKER_FILE}: format {marker.get('format')!r} v{marker.get('version')}, expected {FORMAT_NAME!r} v{FORMAT_VERSION}"
         )
-    vocab = CodeVocab.from_dict(json.loads((root / VOCAB_FILE).read_text()))
+    vocab = read_vocab(root)
     llm = build_llm(root, attn_implementation=attn_implementation, dtype=dtype, device=device)
     model = ViQMLLM(llm, vocab)
     model.merger.load_state_dict(load_file(str(root / MERGER_FILE)))
     model.to(device=device).eval()
-    tokenizer = None
+    return model, load_tokenizer(root), vocab
+
+
+def read_vocab(root: Path) -> CodeVocab:
+    return CodeVocab.from_dict(json.loads((root / VOCAB_FILE).read_text()))
+
+
+def load_tokenizer(root: Path):
+    """The tokenizer saved in an export directory, or None."""
     if (root / "tokenizer.json").is_file():
         # The fast tokenizer exactly as saved: AutoTokenizer would pick a class from config.json's
         # model_type (qwen2) and rebuild the pipeline from the vocabulary instead.
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(root, local_files_only=True)
-    elif (root / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True, trust_remote_code=False)
-    return model, tokenizer, vocab
+        return PreTrainedTokenizerFast.from_pretrained(root, local_files_only=True)
+    if (root / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(root, local_files_only=True, trust_remote_code=False)
+    return None
 
 
 def load_viq(export_dir: str | Path, device=None, dtype=None):

@@ -57,6 +57,7 @@ from mllm.engine import (
 )
 from mllm.export import save_export
 from mllm.hardware import gpu_peak_flops
+from mllm.lora import apply_lora, check_lora_trainable
 from mllm.model import build_mllm
 from viq import ViQModel
 from viq.errors import CheckpointError, DataError, UserError, run_cli
@@ -196,6 +197,8 @@ class Trainer:
             )
             if self.cfg.optim.code_embedding_lr > 0:  # own tensors for the code rows, so they get their own LR
                 model.split_code_rows()
+            if c.lora.enabled:  # adapters on the body, the code rows split out and trained in full
+                apply_lora(model, c.lora)
         return model
 
     def _plan_memory(self):
@@ -226,8 +229,11 @@ class Trainer:
     def configure_trainable(self, model) -> dict:
         """Hook: freeze what must not train (config `freeze`); returns {part or kind: count} for the log."""
         freeze = apply_freezing(model, self.cfg)
-        return {"trainable": freeze["trainable"], "total": freeze["total"], "frozen tensors": len(freeze["frozen_params"]),
-                "masked rows": freeze["masked_embedding_rows"] or "none"}
+        report = {"trainable": freeze["trainable"], "total": freeze["total"], "frozen tensors": len(freeze["frozen_params"]),
+                  "masked rows": freeze["masked_embedding_rows"] or "none"}
+        if self.cfg.model.lora.enabled:  # asserts that the LLM trains exactly adapters + code rows
+            report.update({f"LLM {k}": v for k, v in check_lora_trainable(model, text_rows=self.cfg.model.lora.train_text_rows).items()})
+        return report
 
     @staticmethod
     def _trainable_report(report: dict) -> str:
@@ -240,12 +246,13 @@ class Trainer:
         return self.model.llm
 
     def _dense_flops_per_token(self) -> float:
-        """6 x (non-embedding parameters) per token: forward + backward of the dense layers."""
+        """Per token, the forward + backward of the dense layers: 6 x trainable and 4 x frozen
+        non-embedding parameters (a frozen weight, e.g. under LoRA, needs no weight gradient)."""
         cfg = self.llm.config
-        n = sum(full_numel(p) for name, p in self.llm.model.named_parameters() if "embed_tokens" not in name)
+        body = [p for name, p in self.llm.model.named_parameters() if "embed_tokens" not in name]
         self.attn_flops_coeff = 6 * cfg.num_hidden_layers * cfg.hidden_size  # x sum(L_i^2) for causal attention
         self.head_flops_per_token = 6 * cfg.hidden_size * self.vocab.total_rows
-        return 6.0 * n
+        return float(sum((6 if p.requires_grad else 4) * full_numel(p) for p in body))
 
     # ---- extension points: metrics ----------------------------------------------------------
     def extra_metrics(self, micro_batches: list[dict]) -> dict:
@@ -471,12 +478,15 @@ class Trainer:
         """runs/<name>/hf/: safetensors + config + tokenizer + ViQ tokenizer (rank 0 writes)."""
         out = self.run_dir / "hf"
         stage = self.ds_config["zero_optimization"]["stage"]
-        if stage == 3:
-            state = self.engine._zero3_consolidated_16bit_state_dict()
-            if self.is_main:
-                save_export(self.model, self.tokenizer, self.vocab, out, self.viq, state_dict=state)
-        elif self.is_main:
-            save_export(self.model, self.tokenizer, self.vocab, out, self.viq)
+        state = self.engine._zero3_consolidated_16bit_state_dict() if stage == 3 else None  # collective: every rank
+        if self.is_main:
+            save_export(self.model, self.tokenizer, self.vocab, out, self.viq, state_dict=state)
+            if self.cfg.model.lora.export_adapter:
+                from mllm.lora_export import save_adapter_export
+
+                adapter = save_adapter_export(self.model, self.tokenizer, self.vocab, self.run_dir / "hf-adapter", self.viq,
+                                              base=self.cfg.model.llm, state_dict=state)
+                log.info(f"exported {adapter} (the LoRA adapter and code rows, peft format, for {self.cfg.model.llm})")
         self.barrier()
         log.info(f"exported {out}")
         return out

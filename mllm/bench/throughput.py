@@ -51,6 +51,7 @@ class StepSettings:
     compile_layers: bool = False
     attn_implementation: str = "auto"
     zero_stage: int = 1
+    lora_rank: int = 0  # > 0: LoRA of this rank on every linear layer, code rows in full (mllm/lora.py); 0: full training
 
 
 @dataclass
@@ -196,6 +197,8 @@ def bench_config(spec: BenchSpec, arm: str, run_dir: str) -> TrainConfig:
     cfg.vision.source = "online" if arm == "online_viq" else "codes"
     cfg.data.max_seq_len, cfg.data.micro_batch_packs = spec.capacity, s.micro_batch_packs
     cfg.trainer.grad_accum = s.grad_accum
+    if s.lora_rank:
+        cfg.model.lora.enabled, cfg.model.lora.rank, cfg.model.lora.alpha = True, s.lora_rank, 2.0 * s.lora_rank
     cfg.optim.warmup_steps, cfg.optim.lr = 1, 1e-5
     t = cfg.trainer
     t.runs_dir, t.run_name, t.zero_stage = run_dir, arm, s.zero_stage

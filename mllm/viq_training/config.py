@@ -58,6 +58,12 @@ class ViQTrainConfig(TrainConfig):
             raise ConfigError("viq_train.teacher=ema needs full parameters on every rank: use trainer.zero_stage <= 2")
         if v.stage == 2 and not v.init_from:
             raise ConfigError("viq_train.stage=2 needs viq_train.init_from: the export directory of a stage-1 run")
+        if self.model.lora.enabled and not v.train_llm:
+            raise ConfigError("config key 'model.lora.enabled' adapts the LLM, which tokenizer training freezes: "
+                              "set viq_train.train_llm=true (LoRA then trains the LLM's adapters) or disable model.lora")
+        if self.model.lora.export_adapter:
+            raise ConfigError("config key 'model.lora.export_adapter' applies to MLLM training; tokenizer training "
+                              "exports the LLM merged (export/llm/)")
         if self.vision.source != "online":
             raise ConfigError("ViQ training encodes images in the loop: set vision.source=online")
         return self

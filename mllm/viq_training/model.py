@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mllm.lora import check_lora_trainable, has_lora, set_llm_trainable
 from mllm.viq_training.config import ViQStageConfig
 
 
@@ -79,12 +80,15 @@ class ViQTrainModel(nn.Module):
         c = self.cfg
         self.viq.vit.requires_grad_(c.train_vit)
         self.viq.quantizer.requires_grad_(self.stage == 2 and c.train_quantizer)
-        self.mllm.llm.requires_grad_(c.train_llm)
+        # With model.lora only the adapters train (the code rows too stay frozen: codes never enter here).
+        set_llm_trainable(self.mllm, c.train_llm, code_rows=False)
         self.mllm.merger.requires_grad_(False)  # codes never enter during tokenizer training
         if self.decoder is not None:
             self.decoder.head.requires_grad_(True)
             self.decoder.vae.requires_grad_(False)
         report = {}
+        if has_lora(self.mllm.llm):
+            report["llm adapters"] = check_lora_trainable(self.mllm, code_rows=False)["adapters"]
         for name, module in self.named_children():
             params = list(module.parameters())
             if params:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from mllm.lora import apply_lora
 from mllm.trainer import Trainer
 from mllm.viq_training.config import ViQTrainConfig
 from mllm.viq_training.export import export_stage
@@ -84,6 +85,8 @@ class ViQTrainer(Trainer):
 
             mllm, _, _ = load_export(init_llm, device=self.device, dtype=self.dtype,
                                      attn_implementation=self.cfg.model.attn_implementation)
+            if self.cfg.model.lora.enabled:  # stage 1's adapters are merged in its export: new ones on top
+                apply_lora(mllm, self.cfg.model.lora)
         else:
             mllm = super().build_model()
         decoder = None

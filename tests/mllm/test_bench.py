@@ -135,3 +135,54 @@ def test_profile_step_prints_the_phase_split():
     bad = subprocess.run([sys.executable, "scripts/profile_step.py", "--llm", "nope"], cwd=REPO, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("profile_step: error: 'nope' is neither")
+
+
+def test_lora_arm_is_measured_and_the_estimate_counts_the_same_trainable_parameters(tmp_path):
+    """--lora-rank trains adapters + code rows through the real trainer; --estimate (no GPU needed,
+    labelled "estimated") counts the same trainable parameters for the same model."""
+    proc = run_bench("--mode", "tiny", "--arms", "codes", "--lora-rank", "4", "--steps", "1", "--warmup", "1",
+                     "--out-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (point,) = json.loads(proc.stdout)["points"]
+    assert point["settings"]["lora_rank"] == 4 and point["errors"] == {}
+    measured = point["arms"]["codes"]
+    proc = run_bench("--estimate", "--llm", "tiny", "--viq", "viq-tiny", "--capacity", "1024", "--lora-rank", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    (estimate,) = result["points"]
+    assert result["source"].startswith("estimated") and estimate["lora"]["source"] == estimate["full"]["source"] == "estimated"
+    assert estimate["lora"]["trainable_params"] == measured["trainable_params"]
+    assert estimate["lora"]["peak_memory_gib"] < estimate["full"]["peak_memory_gib"]
+    assert "[bench] estimated tiny 1024 full: peak" in proc.stderr
+
+
+def test_the_estimate_counts_the_parameters_the_libraries_build():
+    """The first-principles estimate (mllm/bench/estimate.py) counts Qwen2.5-7B as transformers
+    builds it, adapters as peft injects them, and what trains under LoRA as the trainer sets it."""
+    from peft import inject_adapter_in_model
+    from transformers import Qwen2ForCausalLM
+
+    from mllm.bench.estimate import estimate_step, parameter_counts
+    from mllm.lora import LoraSettings, check_lora_trainable, peft_lora_config
+    from mllm.presets import preset_config
+    from tests.mllm.test_lora import TOTAL, lora_model
+
+    config = preset_config("qwen2.5-7b")
+    with torch.device("meta"):
+        llm = Qwen2ForCausalLM(config)
+    counts = parameter_counts(config, config.vocab_size)
+    assert counts["body"] + counts["tables"] == sum(p.numel() for p in llm.parameters()) == 7_615_616_512
+    settings = LoraSettings(enabled=True, rank=16, layers=[0, 3, 27], target_modules=["q_proj", "v_proj", "down_proj"],
+                            use_dora=True)
+    inject_adapter_in_model(peft_lora_config(settings), llm)
+    assert parameter_counts(config, config.vocab_size, settings)["lora"] == sum(
+        p.numel() for n, p in llm.named_parameters() if "lora_" in n)
+    assert parameter_counts(config, config.vocab_size, LoraSettings(rank=16))["lora"] == 40_370_176  # peft's figure for 7B
+
+    for tied in (True, False):
+        model = lora_model(tied=tied, perturb=False)
+        tiny = preset_config("tiny", tie_word_embeddings=tied)  # the checkpoint's config: rows before the code vocabulary
+        estimate = estimate_step(tiny, TOTAL, 1024, lora=LoraSettings(enabled=True, rank=4))
+        trained = sum(check_lora_trainable(model).values()) + sum(p.numel() for p in model.merger.parameters())
+        assert estimate["trainable_params"] == trained and estimate["source"] == "estimated"
+        assert estimate["params"]["total"] == sum(p.numel() for p in model.parameters())
