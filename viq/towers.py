@@ -304,8 +304,8 @@ def read_tower(path) -> Tower:
                           f"supported vision towers: {supported}") from None
     name = type(config).__name__
     if name == "InternVLConfig":
-        raise ConfigError(f"{cfg_file}: a whole InternVL model; save its vision tower alone "
-                          "(model.vision_tower.save_pretrained(DIR), an InternVLVisionModel) and point init_vit_from there")
+        raise ConfigError(f"{cfg_file}: a whole InternVL model; save its InternVLVisionModel alone "
+                          "(InternVLForConditionalGeneration: model.model.vision_tower.save_pretrained(DIR)) and use that DIR")
     if name not in TOWER_CLASSES:
         raise ConfigError(f"{cfg_file}: {name} is not a supported vision tower; supported: {supported}")
     family, attr = TOWER_CLASSES[name]

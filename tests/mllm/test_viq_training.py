@@ -99,6 +99,21 @@ def test_stage_config_validation():
         from_dict(ViQTrainConfig, {"viq_train": {"stage": 1}}).validate()
     with pytest.raises(ConfigError, match=r"unknown config key 'viq_train.phases\[0\].pixels'"):
         from_dict(ViQTrainConfig, {"viq_train": {"phases": [{"pixels": 5}]}})
+    with pytest.raises(ConfigError, match="init_vit_from starts stage 1 from a vision tower; stage 2 starts from"):
+        from_dict(ViQTrainConfig, {"vision": {"source": "online"},
+                                   "viq_train": {"stage": 2, "init_from": "x", "init_vit_from": "y"}}).validate()
+    with pytest.raises(ConfigError, match="'viq_train.init_vit_layers' must be >= 0"):
+        from_dict(ViQTrainConfig, {"vision": {"source": "online"}, "viq_train": {"init_vit_layers": -1}}).validate()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs" / "viq").glob("*.yaml")))
+def test_tokenizer_training_presets_load_and_validate(name):
+    from mllm.config import load_config
+    from viq.model import get_preset
+
+    cfg = load_config(REPO / "configs" / "viq" / name, [], cls=ViQTrainConfig)
+    if cfg.viq_train.stage == 1:
+        get_preset(cfg.model.viq)  # the tower presets' shapes are checked in tests/viq/test_towers.py
 
 
 def launch_viq(args, timeout=900):
