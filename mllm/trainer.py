@@ -83,7 +83,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         self._viq = None
-        self.viq_config = self._viq_config()
+        self.viq_config = self.build_viq_config()
         self.tokenizer, self.vocab = build_tokenizer(cfg.model.llm, self.viq_config)
         self.records = self.image_root = self.code_store = None
         self.build_data()
@@ -157,7 +157,8 @@ class Trainer:
         return out
 
     # ---- extension points: model ------------------------------------------------------------
-    def _viq_config(self):
+    def build_viq_config(self):
+        """Hook: the ViQ tokenizer's configuration (code layout, resize policy); `model.viq`'s by default."""
         from viq.model import ViQConfig, get_preset
 
         name = self.cfg.model.viq

@@ -11,8 +11,10 @@
         --loss-impl fused --lora-rank 64                     # full vs LoRA without a GPU (estimated)
 
 Arms: codes (cached), online_viq (frozen ViQ encoder in the step), and <encoder>_frozen /
-<encoder>_trainable for each continuous encoder (internvit-300m, siglip-so400m; random init,
-MLP projector). Writes bench_throughput.{json,md,png} to --out-dir and prints the JSON.
+<encoder>_trainable for each continuous encoder: transformers' InternVLVisionModel / SiglipVisionModel
+with the released configs (random init) and their stacks' projectors: internvit-300m, siglip-so400m
+(both 256 positions per 448 px image, as the ViQ codes), siglip-so400m-llava-ov (LLaVA-OneVision's
+729 positions per 384 px crop). Writes bench_throughput.{json,md,png} to --out-dir and prints the JSON.
 """
 import argparse
 import json
@@ -23,10 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MODES = {
-    "tiny": {"llm": "tiny", "capacity": "1024", "viq": "viq-tiny", "encoders": "internvit-tiny,siglip-tiny",
+    "tiny": {"llm": "tiny", "capacity": "1024", "viq": "viq-tiny", "encoders": "internvit-tiny,siglip-tiny,siglip-tiny-llava-ov",
              "image_size": 112, "steps": 2, "warmup": 1, "text_tokens": "16,48"},
     "paper": {"llm": "qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-7b", "capacity": "4096,16384", "viq": "viq-1.3b",
-              "encoders": "internvit-300m,siglip-so400m", "image_size": 448, "steps": 5, "warmup": 2,
+              "encoders": "internvit-300m,siglip-so400m,siglip-so400m-llava-ov", "image_size": 448, "steps": 5, "warmup": 2,
               "text_tokens": "64,192"},
 }
 

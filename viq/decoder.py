@@ -147,10 +147,11 @@ def to_unit_pixels(image: torch.Tensor) -> torch.Tensor:
     return image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
 
 
-def unnormalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """ViQModel.preprocess output (CLIP-normalised [3, H, W]) -> [0, 1] pixels for vae_latent_target."""
-    mean = torch.tensor(IMAGE_MEAN, device=pixels.device).view(3, 1, 1)
-    std = torch.tensor(IMAGE_STD, device=pixels.device).view(3, 1, 1)
+def unnormalize_pixels(pixels: torch.Tensor, mean=IMAGE_MEAN, std=IMAGE_STD) -> torch.Tensor:
+    """ViQModel.preprocess output ([3, H, W] normalised with the tokenizer's `image_mean` /
+    `image_std`, CLIP's by default) -> [0, 1] pixels for vae_latent_target."""
+    mean = torch.tensor(mean, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(std, device=pixels.device).view(3, 1, 1)
     return (pixels.float() * std + mean).clamp(0, 1)
 
 

@@ -34,11 +34,15 @@ MAX_ASPECT_RATIO = 200
 
 @dataclass(frozen=True)
 class ResizePolicy:
+    """How an image becomes the ViT's input: the resize rule and the pixel normalisation."""
+
     patch_size: int = 14
     merge_size: int = 2
     min_pixels: int = 28 * 28 * 4
     max_pixels: int = 448 * 448
     oversize: str = "resize"  # "resize" | "error"
+    mean: tuple[float, float, float] = IMAGE_MEAN
+    std: tuple[float, float, float] = IMAGE_STD
 
     @property
     def factor(self) -> int:
@@ -187,8 +191,8 @@ def preprocess(x: Any, policy: ResizePolicy, name: str | None = None) -> torch.T
     if (img.size[1], img.size[0]) != (h, w):
         img = img.resize((w, h), Image.BICUBIC)
     arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
-    mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGE_STD).view(3, 1, 1)
+    mean = torch.tensor(policy.mean).view(3, 1, 1)
+    std = torch.tensor(policy.std).view(3, 1, 1)
     return (arr - mean) / std
 
 

@@ -22,13 +22,21 @@ from torch import nn
 from .config import ConfigError, from_dict, read_json_config
 from .errors import CheckpointError
 from .fsq import codebook_stats
-from .image import ResizePolicy, describe, preprocess, token_grid
+from .image import IMAGE_MEAN, IMAGE_STD, ResizePolicy, describe, preprocess, token_grid
 from .io import atomic_path, atomic_write_json
 from .quantizer import ProximalQuantizer
 from .vit import AnyResViT
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+
+
+VIT_CHOICES = {
+    "class_token": ("joint", "readout"),
+    "pos_interpolation": ("bilinear", "bicubic", "bilinear_antialias"),
+    "mlp_act": ("gelu_tanh", "gelu"),
+    "norm_type": ("layer_norm", "rms_norm"),
+}
 
 
 @dataclass
@@ -55,16 +63,43 @@ class ViQConfig:
     max_tokens_per_batch: int = 16384
     seed: int = 0
 
+    # ---- ViT architecture options, for a ViT started from a pretrained tower (viq/towers.py).
+    # The defaults are the paper's ViT trained from scratch; a config without these keys (every
+    # tokenizer saved before they existed) builds exactly the same model.
+    rope: bool = True  # 2D RoPE in attention; off for towers whose learned absolute grid carries position
+    class_token: str = "joint"  # joint: attends and is attended to | readout: reads its image, the patches never see it
+    pos_interpolation: str = "bilinear"  # resizing the position grid: bilinear | bicubic | bilinear_antialias
+    mlp_dim: int = 0  # MLP hidden size; 0: int(width * mlp_ratio)
+    mlp_act: str = "gelu_tanh"  # gelu_tanh | gelu (exact erf)
+    norm_type: str = "layer_norm"  # normalisation in the blocks: layer_norm | rms_norm
+    qkv_bias: bool = True
+    qk_norm: bool = False  # RMSNorm over the width on queries and keys before the head split (InternViT-6B)
+    layer_scale: float = 0.0  # > 0: learned per-channel scales on both residual branches, initialised to this
+    final_norm: bool = True  # normalise after the last block (SigLIP's post-LayerNorm); InternViT has none
+    image_mean: list[float] = field(default_factory=lambda: list(IMAGE_MEAN))  # pixel normalisation the ViT expects
+    image_std: list[float] = field(default_factory=lambda: list(IMAGE_STD))
+
     def __post_init__(self):
         if self.oversize not in ("resize", "error"):
             raise ConfigError(f"viq.oversize must be 'resize' or 'error', got '{self.oversize}'")
-        if self.width % self.heads or (self.width // self.heads) % 4:
-            raise ConfigError(f"viq.width {self.width} / heads {self.heads} must give a head dim divisible by 4")
+        if self.width % self.heads:
+            raise ConfigError(f"viq.width {self.width} is not divisible by viq.heads {self.heads}")
+        if self.rope and (self.width // self.heads) % 4:
+            raise ConfigError(f"viq.width {self.width} / heads {self.heads} must give a head dim divisible by 4 (2D RoPE)")
         if self.quant_dim % self.quant_heads or (self.quant_dim // self.quant_heads) % 4:
             raise ConfigError(f"viq.quant_dim {self.quant_dim} / quant_heads {self.quant_heads} must give a head dim "
                               "divisible by 4")
         if not self.levels or any(int(level) < 2 for level in self.levels):
             raise ConfigError(f"viq.levels must all be >= 2, got {list(self.levels)}")
+        for key, valid in VIT_CHOICES.items():
+            if getattr(self, key) not in valid:
+                raise ConfigError(f"viq.{key} is '{getattr(self, key)}'; valid values: {', '.join(valid)}")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
+            raise ConfigError(f"viq.image_mean / image_std must be 3 values each (std > 0), got {self.image_mean} / {self.image_std}")
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.mlp_dim or int(self.width * self.mlp_ratio)
 
     @property
     def codebook_size(self) -> int:
@@ -72,7 +107,8 @@ class ViQConfig:
 
     @property
     def resize_policy(self) -> ResizePolicy:
-        return ResizePolicy(self.patch_size, self.merge_size, self.min_pixels, self.max_pixels, self.oversize)
+        return ResizePolicy(self.patch_size, self.merge_size, self.min_pixels, self.max_pixels, self.oversize,
+                            tuple(self.image_mean), tuple(self.image_std))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,6 +133,30 @@ VIQ_PRESETS: dict[str, ViQConfig] = {
         width=2048, depth=25, heads=16, bottleneck_dim=512, quant_dim=128, quant_heads=4,
         levels=[8, 8, 8, 5, 5, 5], feature_dim=2048, max_pixels=1792 * 1792, min_pixels=56 * 56,
         pos_grid=32,
+    ),
+    # ViTs shaped to start from a released tower (viq_train.init_vit_from, viq/towers.py): the
+    # tower's architecture and pixel normalisation, the quantiser sized as viq-1.3b's; random init.
+    # SigLIP-so400m-patch14-384 as LLaVA-OneVision uses it: 26 of its 27 blocks, no post-LayerNorm.
+    "viq-siglip-so400m": ViQConfig(
+        width=1152, depth=26, heads=16, mlp_dim=4304, pos_grid=27, rope=False, class_token="readout",
+        pos_interpolation="bicubic", final_norm=False, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        bottleneck_dim=512, quant_dim=128, quant_heads=4, levels=[8, 8, 8, 5, 5, 5], feature_dim=1152,
+        max_pixels=1792 * 1792, min_pixels=56 * 56,
+    ),
+    # SigLIP2-so400m-patch16-naflex: 16 px patches (one token = 32 x 32 px), a 16 x 16 grid resized per image.
+    "viq-siglip2-so400m": ViQConfig(
+        patch_size=16, width=1152, depth=27, heads=16, mlp_dim=4304, pos_grid=16, rope=False, class_token="readout",
+        pos_interpolation="bilinear_antialias", image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        bottleneck_dim=512, quant_dim=128, quant_heads=4, levels=[8, 8, 8, 5, 5, 5], feature_dim=1152,
+        max_pixels=2048 * 2048, min_pixels=64 * 64,
+    ),
+    # InternViT-300M-448px (InternVL 2.5 / 3), as transformers' InternVLVisionModel holds it.
+    "viq-internvit-300m": ViQConfig(
+        width=1024, depth=24, heads=16, mlp_dim=4096, pos_grid=32, rope=False, pos_interpolation="bicubic",
+        mlp_act="gelu", layer_scale=0.1, final_norm=False, image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+        bottleneck_dim=512, quant_dim=128, quant_heads=4, levels=[8, 8, 8, 5, 5, 5], feature_dim=1024,
+        max_pixels=1792 * 1792, min_pixels=56 * 56,
     ),
 }
 

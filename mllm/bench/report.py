@@ -14,21 +14,26 @@ def _fmt(value, spec: str) -> str:
 
 
 def comparison_table(points: list[dict]) -> str:
-    """One row per (LLM, context, arm): the timings and how much slower the arm is than cached codes."""
+    """One row per (LLM, context, arm): the timings and how much slower the arm is than cached codes
+    (per micro-batch and optimizer step, and per sample: an arm with more image positions per
+    image, LLaVA-OV's, fits fewer samples in a pack)."""
     lines = [
-        "| LLM, context | arm | forward ms (micro-batch) | step ms (optimizer step) | tokens/s | samples/s | peak GiB | MFU | codes speed-up (forward / step) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| LLM, context | arm | forward ms (micro-batch) | step ms (optimizer step) | tokens/s | samples/s | peak GiB | MFU "
+        "| codes speed-up (forward / step) | codes speed-up per sample |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for point in points:
         for arm, e in point["arms"].items():
             speedup = "-" if arm == "codes" else f"{e['codes_forward_speedup']:.2f}x / {e['codes_step_speedup']:.2f}x" \
                 if "codes_step_speedup" in e else "-"
+            per_sample = f"{e['codes_sample_speedup']:.2f}x" if "codes_sample_speedup" in e else "-"
             lines.append(
                 f"| {_point_label(point)} | {arm} | {e['forward_ms']:.1f} | {e['step_ms']:.1f} | {e['tokens_per_s']:,.0f} | "
-                f"{e['samples_per_s']:.1f} | {_fmt(e.get('peak_memory_gib'), '.1f')} | {_fmt(e.get('mfu'), '.1%')} | {speedup} |"
+                f"{e['samples_per_s']:.1f} | {_fmt(e.get('peak_memory_gib'), '.1f')} | {_fmt(e.get('mfu'), '.1%')} | {speedup} "
+                f"| {per_sample} |"
             )
         for arm, error in point.get("errors", {}).items():
-            lines.append(f"| {_point_label(point)} | {arm} | failed: {error} | | | | | | |")
+            lines.append(f"| {_point_label(point)} | {arm} | failed: {error} | | | | | | | |")
     return "\n".join(lines) + "\n"
 
 

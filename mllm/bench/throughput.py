@@ -6,8 +6,13 @@ positions come from:
 
 - `codes`: cached integer codes (what train_mllm.py does by default; no encoder in the loop);
 - `online_viq`: the ViQ tokenizer encodes the images inside the step (frozen, no gradient);
-- `<encoder>_frozen` / `<encoder>_trainable`: a continuous encoder (`mllm/bench/encoders.py`) + MLP
-  projector, the LLaVA / InternVL set-up, with the encoder frozen or trained.
+- `<encoder>_frozen` / `<encoder>_trainable`: a continuous encoder (`mllm/bench/encoders.py`:
+  transformers' SigLIP / InternViT with the released configs) + its stack's projector, the
+  LLaVA-OneVision / InternVL set-up, with the encoder frozen or trained.
+
+Every arm hands the LLM the same image positions per image except `siglip-so400m-llava-ov`
+(729 per 384 px crop, LLaVA-OneVision's own layout): its packs hold fewer, longer samples,
+so compare it per sample (`codes_sample_speedup`).
 
 Per arm: the forward pass (no gradient) and the full step (forward, backward, DeepSpeed
 optimizer step) are timed after warm-up with device syncs; reported with tokens/s, samples/s,
@@ -28,7 +33,7 @@ from data.packing import collate_packed, concat_packed
 from data.vocab import SUBCODES
 from mllm.config import TrainConfig
 from mllm.bench.encode import encode_flops
-from mllm.bench.encoders import ContinuousEncoder, encoder_forward_flops, get_encoder_spec, mlp_projector
+from mllm.bench.encoders import ContinuousEncoder, build_projector, encoder_forward_flops, get_encoder_spec
 from mllm.hardware import device_name, free_memory, sync
 from mllm.trainer import Trainer
 
@@ -88,12 +93,12 @@ def synthetic_samples(vocab, grid: int, image_size: int, capacity: int, text_tok
 
 
 class ContinuousArm(nn.Module):
-    """Continuous encoder -> MLP projector -> the ViQMLLM's own forward (`image_embeds`), on the same packed batch."""
+    """Continuous encoder -> projector -> the ViQMLLM's own forward (`image_embeds`), on the same packed batch."""
 
     def __init__(self, encoder: ContinuousEncoder, mllm, trainable_encoder: bool):
         super().__init__()
         self.encoder, self.mllm = encoder, mllm
-        self.projector = mlp_projector(encoder.out_dim, mllm.config.hidden_size)
+        self.projector = build_projector(encoder.spec, mllm.config.hidden_size)
         self.trainable_encoder = trainable_encoder
 
     # ---- mllm.contract.TrainableModel -------------------------------------------------------
@@ -103,7 +108,7 @@ class ContinuousArm(nn.Module):
     decoder_layer_class = property(lambda self: self.mllm.decoder_layer_class)
 
     def gradient_checkpointing_enable(self, fraction: float = 1.0) -> int:
-        self.encoder.checkpointing = True  # a trained encoder's activations would dwarf the LLM's otherwise
+        self.encoder.gradient_checkpointing_enable()
         return self.mllm.gradient_checkpointing_enable(fraction=fraction)
 
     def compile_decoder_layers(self) -> int:
@@ -115,7 +120,7 @@ class ContinuousArm(nn.Module):
     def forward(self, batch: dict) -> dict:
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable_encoder):
             features = self.encoder(batch["pixels"])
-        embeds = self.projector(features.to(self.projector[1].weight.dtype))
+        embeds = self.projector(features.to(next(self.projector.parameters()).dtype))
         return self.mllm({**batch, "codes": None, "image_embeds": embeds})
 
 
@@ -126,15 +131,23 @@ class BenchTrainer(Trainer):
         self.spec, self.arm = spec, arm
         super().__init__(cfg)
 
+    def image_layout(self) -> tuple[int, int]:
+        """(LLM positions per image side, image side in pixels) of this arm's samples."""
+        spec = self.spec
+        if self.arm in BASE_ARMS:
+            return spec.image_size // (self.viq_config.patch_size * self.viq_config.merge_size), spec.image_size
+        encoder = get_encoder_spec(self.arm.rsplit("_", 1)[0])
+        return encoder.grid(spec.image_size), encoder.image_side(spec.image_size)
+
     def build_data(self) -> None:
         spec, vocab = self.spec, self.vocab
-        grid = spec.image_size // (self.viq_config.patch_size * self.viq_config.merge_size)
+        grid, side = self.image_layout()
         rng = np.random.default_rng(spec.seed + 1000 * self.rank)
         self.capacity = spec.capacity
         packs = self.cfg.data.micro_batch_packs
         self.bench_batches = []
         for _ in range(2):  # two different micro-batches, alternated
-            rows = [collate_packed(synthetic_samples(vocab, grid, spec.image_size, spec.capacity, spec.text_tokens, rng),
+            rows = [collate_packed(synthetic_samples(vocab, grid, side, spec.capacity, spec.text_tokens, rng),
                                    spec.capacity, pad_to_capacity=True, pad_id=self.tokenizer.pad_token_id,
                                    image_pad_id=vocab.image_pad_id) for _ in range(packs)]
             batch = concat_packed(rows)
@@ -243,6 +256,8 @@ def measure_arm(spec: BenchSpec, arm: str, run_dir: str) -> dict:
             entry["mfu"] = (llm_flops + vision_flops) / step_s / (trainer.peak_flops * trainer.world)
             entry["llm_mfu"] = llm_flops / step_s / (trainer.peak_flops * trainer.world)
         batch = batches[0]
+        entry.update(images=len(batch["images"]), image_positions=int(batch["codes"].shape[0]),
+                     real_tokens=int(batch["n_real_tokens"]))  # per micro-batch; an arm may have its own layout
         shape = {"tokens_per_micro_batch": int(batch["input_ids"].numel()), "real_tokens": int(batch["n_real_tokens"]),
                  "images": len(batch["images"]), "image_positions": int(batch["codes"].shape[0]),
                  "attention": trainer.llm.config._attn_implementation, "device": device_name(device),
@@ -288,7 +303,10 @@ def run_comparison(spec: BenchSpec, arms: list[str], log=print, on_arm=None) -> 
                 measured["entry"]["compile_layers"] = False
                 result["compile_errors"] = {**result.get("compile_errors", {}), arm: result["errors"].pop(arm)}
             result["arms"][arm] = measured["entry"]
-            result.update(measured["shape"])
+            shape = measured["shape"]
+            if _own_layout(arm):  # the point describes the layout the other arms share
+                shape = {k: v for k, v in shape.items() if k not in ("real_tokens", "images", "image_positions")}
+            result.update(shape)
             _add_speedups(result)
             if on_arm is not None:
                 on_arm(result)
@@ -300,6 +318,11 @@ def run_comparison(spec: BenchSpec, arms: list[str], log=print, on_arm=None) -> 
     return result
 
 
+def _own_layout(arm: str) -> bool:
+    """Whether the arm's samples differ from the ViQ layout (LLaVA-OV's 729 positions per crop)."""
+    return arm not in BASE_ARMS and get_encoder_spec(arm.rsplit("_", 1)[0]).crop_size > 0
+
+
 def _add_speedups(result: dict) -> None:
     if "real_tokens" in result:
         result["image_token_share"] = result["image_positions"] / result["real_tokens"]
@@ -309,6 +332,7 @@ def _add_speedups(result: dict) -> None:
             if arm != "codes":
                 e["codes_step_speedup"] = e["step_ms"] / codes["step_ms"]
                 e["codes_forward_speedup"] = e["forward_ms"] / codes["forward_ms"]
+                e["codes_sample_speedup"] = codes["samples_per_s"] / e["samples_per_s"]  # arms with their own layout
 
 
 def _one_line(e: Exception) -> str:

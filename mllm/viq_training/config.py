@@ -40,6 +40,10 @@ class ViQStageConfig:
     center_momentum: float = 0.9  # stage 2 with train_vit: the centre follows the moving ViT tokens (EMA per step)
     phases: list[PhaseConfig] = field(default_factory=list)  # empty: one phase from data/trainer settings
 
+    # ---- stage 1 from a pretrained vision tower (viq/towers.py) ------------------------------
+    init_vit_from: str = ""  # a local SigLIP / SigLIP2 / InternViT directory: the ViT takes its architecture and weights
+    init_vit_layers: int = 0  # keep the tower's first N blocks (0: all); LLaVA-OneVision keeps 26 of SigLIP-so400m's 27
+
 
 @dataclass
 class ViQTrainConfig(TrainConfig):
@@ -64,6 +68,11 @@ class ViQTrainConfig(TrainConfig):
         if self.model.lora.export_adapter:
             raise ConfigError("config key 'model.lora.export_adapter' applies to MLLM training; tokenizer training "
                               "exports the LLM merged (export/llm/)")
+        if v.init_vit_from and v.stage != 1:
+            raise ConfigError("viq_train.init_vit_from starts stage 1 from a vision tower; stage 2 starts from "
+                              "viq_train.init_from (a stage-1 export)")
+        if v.init_vit_layers < 0:
+            raise ConfigError(f"config key 'viq_train.init_vit_layers' must be >= 0 (0: all the tower's layers), got {v.init_vit_layers}")
         if self.vision.source != "online":
             raise ConfigError("ViQ training encodes images in the loop: set vision.source=online")
         return self

@@ -129,7 +129,9 @@ class ViQTrainModel(nn.Module):
         if self.decoder is not None and self.cfg.vae_weight:
             from viq.decoder import latent_regression_loss, unnormalize_pixels, vae_latent_target
 
-            targets = vae_latent_target(self.decoder.vae, [unnormalize_pixels(p) for p in pixels], grids)
+            vc = self.viq.config
+            targets = vae_latent_target(self.decoder.vae, [unnormalize_pixels(p, vc.image_mean, vc.image_std) for p in pixels],
+                                        grids)
             vae_loss = latent_regression_loss(self.decoder.head.latents(features, grids), targets)
             aux = aux + self.cfg.vae_weight * vae_loss
             logs["vae_latent_loss"] = float(vae_loss.detach())

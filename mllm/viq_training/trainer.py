@@ -75,10 +75,38 @@ class ViQTrainer(Trainer):
                         f"{self.cfg.viq_train.usage_warn_below} (codebook collapse?)")
 
     # ---- model -----------------------------------------------------------------------------
+    def build_viq_config(self):
+        """With viq_train.init_vit_from, model.viq's configuration with the tower's ViT architecture."""
+        base = super().build_viq_config()
+        v = self.cfg.viq_train
+        if not v.init_vit_from:
+            return base
+        from viq.towers import read_tower
+
+        self.tower = read_tower(v.init_vit_from)
+        config, changed = self.tower.vit_config(base, layers=v.init_vit_layers)
+        log.info(f"init_vit_from {v.init_vit_from}: a {self.tower.config_class}; the ViT takes its architecture"
+                 + (": " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()) if changed
+                    else f" (model.viq={self.cfg.model.viq} already has it)"))
+        return config
+
+    def _tower_initialised_viq(self) -> ViQModel:
+        """A new tokenizer from the config, its ViT's weights from the tower (logged: loaded, new, dropped)."""
+        v = self.cfg.viq_train
+        viq = ViQModel.from_config(self.viq_config)
+        for line in self.tower.load_into(viq.vit).lines(v.init_vit_from):
+            log.info(line)
+        log.info("  new outside the ViT: the quantiser (stage 2 trains it), the projector to the LLM"
+                 + (f"; model.viq={self.cfg.model.viq} gave the configuration only" if Path(self.cfg.model.viq).is_dir() else ""))
+        return viq.to(self.device)
+
     def build_model(self):
         v = self.cfg.viq_train
         torch.manual_seed(self.cfg.trainer.seed)
-        viq = ViQModel.from_pretrained(self.cfg.model.viq, device=self.device)
+        if v.init_vit_from:
+            viq = self._tower_initialised_viq()
+        else:
+            viq = ViQModel.from_pretrained(self.cfg.model.viq, device=self.device)
         init_llm = Path(v.init_from) / "llm" if v.stage == 2 else None
         if init_llm is not None and init_llm.is_dir():
             from mllm.export import load_export

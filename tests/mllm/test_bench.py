@@ -10,7 +10,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from mllm.bench.encoders import CONTINUOUS_ENCODERS, ContinuousEncoder, encoder_forward_flops, merge_patches, mlp_projector
+from mllm.bench.encoders import CONTINUOUS_ENCODERS, ContinuousEncoder, build_projector, encoder_forward_flops, merge_patches
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,9 +29,15 @@ def test_tiny_mode_reports_every_arm_and_the_lever_sweep(tmp_path):
     (point,) = result["points"]
     assert point["errors"] == {}
     assert list(point["arms"]) == ["codes", "online_viq", "internvit-tiny_frozen", "internvit-tiny_trainable",
-                                   "siglip-tiny_frozen", "siglip-tiny_trainable"]
+                                   "siglip-tiny_frozen", "siglip-tiny_trainable", "siglip-tiny-llava-ov_frozen",
+                                   "siglip-tiny-llava-ov_trainable"]
     # two 1024-token packs per micro-batch, 112 px images = 4 x 4 image positions each
     assert point["tokens_per_micro_batch"] == 2048 and point["image_positions"] == 16 * point["images"]
+    for arm, e in point["arms"].items():  # LLaVA-OV's layout: 8 x 8 positions per 112 px crop, fewer samples per pack
+        assert e["image_positions"] == (64 if "llava-ov" in arm else 16) * e["images"]
+    ov, codes = point["arms"]["siglip-tiny-llava-ov_frozen"], point["arms"]["codes"]
+    assert ov["images"] < point["images"] and ov["codes_sample_speedup"] == pytest.approx(
+        codes["samples_per_s"] / ov["samples_per_s"])
     assert 0.2 < point["image_token_share"] < 0.8
     assert point["settings"]["micro_batch_packs"] == 2 and point["settings"]["loss_impl"] == "fused"
     for arm, e in point["arms"].items():
@@ -87,26 +93,52 @@ def test_merge_patches_follows_the_image_pad_layout():
     assert merged.tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
 
 
-@pytest.mark.parametrize("name", ["internvit-tiny", "siglip-tiny"])
-def test_encoder_shapes_and_flops_match_a_flop_counter(name):
+@pytest.mark.parametrize("name,positions", [("internvit-tiny", 25), ("siglip-tiny", 25), ("siglip-tiny-llava-ov", 64)])
+def test_encoder_shapes_and_flops_match_a_flop_counter(name, positions):
     spec = CONTINUOUS_ENCODERS[name]
-    encoder, projector = ContinuousEncoder(spec), mlp_projector(ContinuousEncoder(spec).out_dim, 32)
-    pixels = torch.randn(3, 3, 140, 140)  # not the native 112 px: position embeddings are resized
+    encoder, projector = ContinuousEncoder(spec), build_projector(spec, 32)
+    side = spec.crop_size or 140  # 140: not the native 112 px, position embeddings are resized
+    pixels = torch.randn(3, 3, side, side)
     # the math backend runs attention as matmuls, which the counter sees on CPU
     with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         out = projector(encoder(pixels))
-    assert out.shape == (3 * encoder.tokens_per_image(140), 32) and encoder.tokens_per_image(140) == 25
+    assert out.shape == (3 * positions, 32) and encoder.tokens_per_image(140) == positions
     assert counter.get_total_flops() == encoder_forward_flops(spec, 140, 3, 32)
-    with pytest.raises(ValueError, match="divisible by 28"):
+    with pytest.raises(ValueError, match="112 px crops" if spec.crop_size else "divisible by 28"):
         encoder(torch.randn(1, 3, 130, 130))
 
 
-def test_paper_encoder_shapes():
-    """The published widths/depths (parameter counts of the released towers, without their heads)."""
-    counts = {name: sum(p.numel() for p in ContinuousEncoder(CONTINUOUS_ENCODERS[name]).parameters())
-              for name in ("internvit-300m", "siglip-so400m")}
-    assert 300e6 < counts["internvit-300m"] < 310e6
-    assert 410e6 < counts["siglip-so400m"] < 420e6
+def test_llava_ov_arm_reads_the_last_kept_block_without_the_post_norm():
+    spec = CONTINUOUS_ENCODERS["siglip-tiny-llava-ov"]
+    encoder = ContinuousEncoder(spec).eval()
+    pixels = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        out = encoder.tower(pixel_values=pixels, output_hidden_states=True)
+        features = encoder(pixels)
+    assert len(encoder.tower.encoder.layers) == 2
+    torch.testing.assert_close(features, out.hidden_states[2].reshape(2 * 64, 72))
+    assert not torch.allclose(features, out.last_hidden_state.reshape(2 * 64, 72))  # that one is post-LayerNorm
+
+
+def test_paper_encoders_are_the_released_towers():
+    """transformers' own classes with the published configs (parameter counts of the released towers
+    without their heads); built on the meta device, nothing allocated."""
+    from transformers import InternVLVisionModel, SiglipVisionModel
+
+    with torch.device("meta"):
+        encoders = {name: ContinuousEncoder(CONTINUOUS_ENCODERS[name])
+                    for name in ("internvit-300m", "siglip-so400m", "siglip-so400m-llava-ov")}
+        projectors = {name: build_projector(CONTINUOUS_ENCODERS[name], 896) for name in encoders}
+    counts = {name: sum(p.numel() for p in e.parameters()) for name, e in encoders.items()}
+    assert isinstance(encoders["internvit-300m"].tower, InternVLVisionModel) and 300e6 < counts["internvit-300m"] < 310e6
+    assert isinstance(encoders["siglip-so400m"].tower, SiglipVisionModel) and 410e6 < counts["siglip-so400m"] < 420e6
+    assert counts["siglip-so400m"] - counts["siglip-so400m-llava-ov"] == sum(
+        p.numel() for p in encoders["siglip-so400m"].tower.encoder.layers[-1].parameters())  # one block fewer
+    assert type(projectors["internvit-300m"]).__name__ == "InternVLMultiModalProjector"
+    assert projectors["internvit-300m"].linear_1.in_features == 4 * 1024
+    assert type(projectors["siglip-so400m-llava-ov"]).__name__ == "LlavaOnevisionMultiModalProjector"
+    assert projectors["siglip-so400m-llava-ov"].linear_1.in_features == 1152
+    assert encoders["siglip-so400m-llava-ov"].tokens_per_image(448) == 729
 
 
 def test_bench_under_the_deepspeed_launcher_counts_every_rank(tmp_path):

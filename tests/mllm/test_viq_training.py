@@ -99,6 +99,21 @@ def test_stage_config_validation():
         from_dict(ViQTrainConfig, {"viq_train": {"stage": 1}}).validate()
     with pytest.raises(ConfigError, match=r"unknown config key 'viq_train.phases\[0\].pixels'"):
         from_dict(ViQTrainConfig, {"viq_train": {"phases": [{"pixels": 5}]}})
+    with pytest.raises(ConfigError, match="init_vit_from starts stage 1 from a vision tower; stage 2 starts from"):
+        from_dict(ViQTrainConfig, {"vision": {"source": "online"},
+                                   "viq_train": {"stage": 2, "init_from": "x", "init_vit_from": "y"}}).validate()
+    with pytest.raises(ConfigError, match="'viq_train.init_vit_layers' must be >= 0"):
+        from_dict(ViQTrainConfig, {"vision": {"source": "online"}, "viq_train": {"init_vit_layers": -1}}).validate()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs" / "viq").glob("*.yaml")))
+def test_tokenizer_training_presets_load_and_validate(name):
+    from mllm.config import load_config
+    from viq.model import get_preset
+
+    cfg = load_config(REPO / "configs" / "viq" / name, [], cls=ViQTrainConfig)
+    if cfg.viq_train.stage == 1:
+        get_preset(cfg.model.viq)  # the tower presets' shapes are checked in tests/viq/test_towers.py
 
 
 def launch_viq(args, timeout=900):
@@ -151,3 +166,36 @@ def test_stage1_then_stage2_train_through_deepspeed_and_export_a_tokenizer(tmp_p
     assert rec.returncode == 0, rec.stderr[-2000:]
     metrics = json.loads((tmp_path / "recon" / "metrics.json").read_text())
     assert metrics["psnr"] > 0 and 0 < metrics["ssim"] <= 1 and (tmp_path / "recon" / "grid.png").is_file()
+
+
+@pytest.mark.slow
+def test_stage1_starts_from_a_saved_siglip_tower_and_trains(tmp_path):
+    """The CPU demo of `viq_train.init_vit_from`: a random-weight SigLIP saved by transformers, stage 1 from it."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    tower = SiglipVisionModel(SiglipVisionConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                 intermediate_size=96, image_size=56, patch_size=14))
+    tower.save_pretrained(tmp_path / "siglip")
+    train = make_colour_dataset(tmp_path / "d", n=12)
+    run = tmp_path / "s1"
+    args = ["--stage", "1", "--config", "configs/viq/tiny-stage1.yaml", "--run-dir", str(run), "--max-steps", "4",
+            "--set", f"data.train={train}", "--set", "trainer.progress=false", "--set", "trainer.tensorboard=false",
+            "--set", "trainer.log_every=1", "--set", "data.buffer_size=12", "--set", "optim.warmup_steps=1",
+            "--set", "viq_train.teacher_resolution=56", "--set", f"viq_train.init_vit_from={tmp_path / 'siglip'}",
+            "--set", "viq_train.phases=[{max_pixels: 12544, max_seq_len: 1024, steps: 4}]"]
+    proc = subprocess.run([sys.executable, "scripts/train_viq.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))  # a lone process: world of one
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "a SiglipVisionConfig; the ViT takes its architecture: width 192 -> 64, depth 4 -> 2" in log
+    assert "loaded 29 tensors" in log and "new (initialised here): cls_token, merge" in log
+    assert "dropped from the tower: head.probe, head.attention, head.layernorm, head.mlp" in log  # the pooling head
+    r = rows(run)
+    assert len(r) == 4 and r[-1]["loss"] < r[0]["loss"] and "distill_loss" in r[0]
+    viq = ViQModel.from_pretrained(run / "export" / "viq")  # the tower's architecture travels with the export
+    assert (viq.config.width, viq.config.rope, viq.config.class_token, viq.config.image_mean) == (64, False, "readout", [0.5] * 3)
+    start = tower.embeddings.patch_embedding.weight.detach().reshape(64, -1)
+    moved = (viq.vit.patch_embed.weight - start).norm() / start.norm()
+    assert 0 < moved < 0.1  # trained from the tower's weights, not from a fresh initialisation
+    assert viq.encode([str(train.parent / "images" / "000.png")])[0].shape[-1] == 4

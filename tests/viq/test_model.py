@@ -102,7 +102,7 @@ def test_preset_is_deterministic():
 
 
 def test_presets_and_errors(tmp_path):
-    assert set(VIQ_PRESETS) == {"viq-tiny", "viq-1.3b"}
+    assert set(VIQ_PRESETS) == {"viq-tiny", "viq-1.3b", "viq-siglip-so400m", "viq-siglip2-so400m", "viq-internvit-300m"}
     with torch.device("meta"):
         big = ViQModel(get_preset("viq-1.3b"))
     n = sum(p.numel() for p in big.parameters())
