@@ -48,7 +48,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from eval.generate import DTYPES, default_device
+from viq.dtypes import DTYPES, default_device
 from mllm.export import load_export
 
 try:
