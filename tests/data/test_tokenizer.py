@@ -114,7 +114,8 @@ def test_presets_embedding_rows(cache_dir):
     assert build_tokenizer("qwen2.5-1.5b", 16, cache_dir=cache_dir)[1].embedding_rows == 151936
     # The 7B checkpoint pads its embedding to 152,064 rows, so its codes start there.
     assert build_tokenizer("qwen2.5-7b", 16, cache_dir=cache_dir)[1].code_base == 152064
-    assert set(PRESET_EMBEDDING_ROWS) == {"qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b", "tiny"}
+    assert build_tokenizer("qwen2.5-72b", 16, cache_dir=cache_dir)[1].code_base == 152064
+    assert set(PRESET_EMBEDDING_ROWS) == {"qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b", "qwen2.5-72b", "tiny"}
 
 
 def test_cache_is_written_once_and_copies_are_independent(cache_dir, built):
@@ -159,7 +160,7 @@ def test_codebook_size_forms():
 
 
 def test_unknown_preset_names_the_valid_ones(tmp_path):
-    with pytest.raises(FileNotFoundError, match="qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b, tiny"):
+    with pytest.raises(FileNotFoundError, match="qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b, qwen2.5-72b, tiny"):
         build_tokenizer("qwen9-huge", 16)
     with pytest.raises(FileNotFoundError, match="neither a tokenizer preset"):
         build_tokenizer(str(tmp_path / "missing"), 16)
