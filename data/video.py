@@ -161,22 +161,45 @@ def plan_frames(ref, settings: VideoSettings, label: str | None = None) -> Frame
     return FramePlan(label, indices, [all_pts[i] for i in indices], [seconds[i] for i in indices], height, width)
 
 
-def decode_frames(ref, plan: FramePlan) -> list:
-    """The planned frames as PIL RGB images, in temporal order."""
+SEEK_GAP_SECONDS = 4.0  # a sampled frame further ahead than this is reached by seeking, not by decoding
+
+
+def decode_frames(ref, plan: FramePlan, seek_gap_seconds: float | None = SEEK_GAP_SECONDS) -> list:
+    """The planned frames as PIL RGB images, in temporal order.
+
+    Frames are decoded forward, keeping for each planned pts the first frame at or past it.
+    A planned frame more than `seek_gap_seconds` ahead is reached by seeking to the keyframe
+    before it and decoding forward from there (seek lands on the previous keyframe, never on
+    the frame itself); a seek that overshoots falls back to decoding from the start."""
     import av
 
-    images, wanted = [], iter(plan.pts)
-    target = next(wanted, None)
+    images = []
     with _open(ref, plan.label) as container:
+        stream = _video_stream(container, plan.label)
+        stream.thread_type = "AUTO"  # safe: frames are matched by pts, never by frame.index
+        gap = int(seek_gap_seconds / stream.time_base) if seek_gap_seconds is not None and stream.time_base else None
         try:
-            for frame in container.decode(_video_stream(container, plan.label)):
-                if target is None:
+            frames, last, seeked = container.decode(stream), None, False
+            for k, target in enumerate(plan.pts):
+                seeked = gap is not None and last is not None and target - last > gap
+                if seeked:
+                    container.seek(target, stream=stream, backward=True, any_frame=False)
+                    frames = container.decode(stream)
+                for frame in frames:
+                    if frame.pts is None:
+                        continue
+                    if seeked and frame.pts > target:
+                        break  # no keyframe at or before the target where the index said: start over
+                    seeked, last = False, frame.pts
+                    if frame.pts >= target:
+                        images.append(frame.to_image())
+                        break
+                if seeked or len(images) <= k:  # overshot, or the stream ended before this frame
                     break
-                if frame.pts is not None and frame.pts >= target:
-                    images.append(frame.to_image())
-                    target = next(wanted, None)
         except av.error.FFmpegError as e:
             raise VideoInputError(f"{plan.label}: cannot decode video ({str(e).splitlines()[0]})") from None
+    if seeked and seek_gap_seconds is not None:
+        return decode_frames(ref, plan, seek_gap_seconds=None)
     if len(images) != len(plan.pts):
         raise VideoInputError(f"{plan.label}: decoded {len(images)} of its {len(plan.pts)} sampled frames; the file is truncated or corrupt")
     return images

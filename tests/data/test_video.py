@@ -72,6 +72,11 @@ def test_b_frames_and_sparse_keyframes_decode_the_right_frames(tmp_path):
     plan = plan_frames(path, VideoSettings(max_frames=32, fps=2.5))
     assert plan.indices == [0, 2, 4, 6, 8, 10, 12, 14]
     assert [frame_number(im) for im in decode_frames(path, plan)] == plan.indices
+    # far-apart frames are reached by seeking (to keyframes 5 and 10) and decoding forward to the target
+    sparse = plan_frames(path, VideoSettings(max_frames=3))
+    assert sparse.indices == [0, 7, 14]
+    for gap in (0.5, None):
+        assert [frame_number(im) for im in decode_frames(path, sparse, seek_gap_seconds=gap)] == [0, 7, 14]
 
 
 def test_unusable_videos_fail_with_their_name(tmp_path):
