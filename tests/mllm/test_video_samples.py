@@ -156,6 +156,24 @@ def test_interrupted_video_is_reported_then_completed(mixed, tmp_path):
     assert set(keys) <= done_keys(out)
 
 
+def test_eval_lays_out_a_video_message_as_training_does(mixed, tmp_path):
+    from types import SimpleNamespace
+
+    from data.video import read_video_settings, write_video_settings
+    from eval.generate import MLLMGenerator, human_turn
+
+    write_video_settings(tmp_path, SETTINGS)
+    assert read_video_settings(tmp_path) == SETTINGS and read_video_settings(tmp_path / "none") == VideoSettings()
+    _, online = datasets(mixed)
+    i = next(i for i, r in enumerate(online.records) if r.id == "v_mp4")
+    text, items = human_turn([{"type": "video", "value": str(mixed["train"].parent / "videos" / "grey.mp4")},
+                              {"type": "text", "value": "Does it get brighter?"}])
+    # the generator's own method, on the real ViQ model and the export's sampling settings
+    laid, pixels = MLLMGenerator._with_frames(SimpleNamespace(video=SETTINGS, viq=mixed["viq"]), text, items)
+    assert laid == online.records[i].conversations[0]["value"]
+    assert len(pixels) == 4 and all(torch.equal(a, b) for a, b in zip(pixels, online[i]["images"]))
+
+
 @pytest.mark.slow
 def test_mixed_image_and_video_file_trains_through_the_launcher_and_scores_the_video_task(tmp_path):
     train = make_mixed_dataset(tmp_path / "data")
