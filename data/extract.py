@@ -94,6 +94,7 @@ def extract_codes(
             if log and (start // batch_images) % 20 == 0:
                 done_n = start + len(chunk)
                 log(f"rank {rank}: {done_n}/{len(todo)} images, {done_n / (time.perf_counter() - t0):.1f} images/s")
+        image_seconds = time.perf_counter() - t0  # images/s is for images; videos report their own time
         videos = extract_videos(viq_model, records, key_root, writer, video or VideoSettings(), video_key=image_key, rank=rank,
                                 world_size=world_size, on_error=on_error, skipped_path=skipped_path)
     seconds = time.perf_counter() - t0
@@ -107,7 +108,7 @@ def extract_codes(
         **videos,
         "skipped_report": str(skipped_path) if n_skipped or videos["videos_skipped"] else None,
         "seconds": seconds,
-        "images_per_s": n_done / seconds if seconds > 0 else 0.0,
+        "images_per_s": n_done / image_seconds if image_seconds > 0 else 0.0,
         "tokens": n_tokens,
         "compression_ratio": (n_raw_bytes / n_codes_bytes) if n_codes_bytes else None,
         "shards": len(manifest["shards"]) if manifest else None,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -65,6 +66,7 @@ def extract_videos(viq_model, records, key_root, writer, settings: VideoSettings
     counts = {"videos_total": len(videos), "videos_already_cached": 0, "videos_encoded": 0, "videos_skipped": 0,
               "video_frames_encoded": 0, "video_tokens": 0}
     policy = viq_model.config.resize_policy
+    t0 = time.perf_counter()
     for key, ref in videos:
         if index.complete(video_prefix(key, settings)) is not None:
             counts["videos_already_cached"] += 1
@@ -89,6 +91,7 @@ def extract_videos(viq_model, records, key_root, writer, settings: VideoSettings
             counts["video_tokens"] += c.shape[0] * c.shape[1]
         counts["videos_encoded"] += 1
         counts["video_frames_encoded"] += len(keys)
+    counts["video_seconds"] = time.perf_counter() - t0
     return counts
 
 
@@ -103,7 +106,13 @@ class VideoFrames:
 
     def __init__(self, settings: VideoSettings, source: str, code_store=None, policy=None):
         self.settings, self.source, self.code_store, self.policy = settings, source, code_store, policy
-        self.index = VideoIndex(code_store.keys()) if source == "codes" else None
+        self._index = None  # built on the first video: an image-only data set never scans the cache's keys
+
+    @property
+    def index(self) -> VideoIndex:
+        if self._index is None:
+            self._index = VideoIndex(self.code_store.keys())
+        return self._index
 
     def resolve(self, ref, key: str):
         """(frame keys, grids, seconds, plan) of one video; plan is None with cached codes.
