@@ -13,6 +13,7 @@ The SYNTH_VAL_<NAME> keys are aliases reading SYNTH_<NAME>.tsv when no SYNTH_VAL
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from eval.benchmarks.base import ChoiceBenchmark, VQABenchmark
@@ -45,7 +46,7 @@ class SynthVideo(ChoiceBenchmark):
         path = Path(path) if path is not None else self.data_path(data_root)
         records = super().load(path=path, split=split)
         for record in records:
-            record['video'] = str(path.parent / str(record['video']))
+            record['video'] = os.path.normpath(path.parent / str(record['video']))
         return records
 
     def build_prompt(self, record, image_dir=None):
