@@ -61,12 +61,17 @@ class VideoSettings:
     timestamps: bool = True  # write each frame's time ("1.5s: ") before its image span
 
     def validate(self, where: str = "data.video") -> "VideoSettings":
+        """`where`: a config prefix ("data.video" -> 'config key data.video.fps') or a command-line
+        one ("--video" -> '--video-fps')."""
+        def name(field: str) -> str:
+            return f"{where}-{field.replace('_', '-')}" if where.startswith("--") else f"config key '{where}.{field}'"
+
         if self.max_frames < 1:
-            raise ConfigError(f"config key '{where}.max_frames' must be >= 1, got {self.max_frames}")
+            raise ConfigError(f"{name('max_frames')} must be >= 1, got {self.max_frames}")
         if not self.fps >= 0:
-            raise ConfigError(f"config key '{where}.fps' must be >= 0 (0: uniform over the video), got {self.fps}")
+            raise ConfigError(f"{name('fps')} must be >= 0 (0: uniform over the video), got {self.fps}")
         if self.frame_max_pixels < 28 * 28:
-            raise ConfigError(f"config key '{where}.frame_max_pixels' must be >= 784 (one 28 x 28 token), got {self.frame_max_pixels}")
+            raise ConfigError(f"{name('frame_max_pixels')} must be >= 784 (one 28 x 28 token), got {self.frame_max_pixels}")
         return self
 
     def tag(self) -> str:

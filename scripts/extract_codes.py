@@ -64,12 +64,13 @@ def main() -> int:
     from viq import ViQModel
     from viq.dtypes import default_device, parse_dtype
 
+    video = VideoSettings(args.video_max_frames, args.video_fps, args.video_frame_max_pixels).validate("--video")
     device = args.device or default_device()
     model = ViQModel.from_pretrained(args.tokenizer, device=device, dtype=parse_dtype(args.dtype, device))
     summary = extract_file(
         model, args.tokenizer, args.data, args.out, image_root=args.image_root, rank=args.rank,
         world_size=args.world_size, batch_images=args.batch_images, on_error=args.on_error,
-        video=VideoSettings(args.video_max_frames, args.video_fps, args.video_frame_max_pixels).validate("--video"),
+        video=video,
     )
     print(f"{summary['images_encoded']} images encoded at {summary['images_per_s']:.1f} images/s; "
           f"compression ratio {summary['compression_ratio'] or 0:.0f}x; {summary['images_skipped']} skipped; "

@@ -111,6 +111,8 @@ def test_settings_are_validated_and_tag_the_keys():
         VideoSettings(max_frames=0).validate()
     with pytest.raises(ConfigError, match="data.video.frame_max_pixels"):
         VideoSettings(frame_max_pixels=100).validate()
+    with pytest.raises(ConfigError, match=r"^--video-fps must be >= 0"):
+        VideoSettings(fps=-1).validate("--video")
     assert VideoSettings(max_frames=8, fps=0.5).tag() == "max_frames=8,fps=0.5,frame_max_pixels=50176"
 
 
