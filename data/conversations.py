@@ -4,6 +4,9 @@ A record is `{"id", "image", "conversations"}` where `image` is absent (text onl
 or a list of paths relative to an image root, and `conversations` a list of LLaVA turns
 `{"from": "human"|"gpt"|"system", "value": str}` with one `<image>` placeholder per image
 (or none, in which case the images go before the first question; see data/chat.py).
+A video record (LLaVA-OneVision / LLaVA-Video) has `"video": path` (or embedded bytes)
+instead, and at most one `<image>` (or `<video>`) placeholder, usually in the first turn;
+it is normalised to one `<image>` that data/video.py expands into the sampled frames.
 
 Readers (`load_records`): a JSON list, JSON Lines, a local parquet file (or a folder of
 them), or a local `datasets.Dataset.save_to_disk` folder. In parquet / HF data the images
@@ -31,6 +34,7 @@ import numpy as np
 
 from data.chat import IMAGE_PLACEHOLDER, ROLE_ALIASES
 from data.hf_tables import is_save_to_disk, read_save_to_disk
+from data.video import VIDEO_PLACEHOLDER
 from viq.config import ConfigError, from_dict
 from viq.errors import DataError, MissingFileError
 from viq.io import iter_jsonl, read_json, read_yaml
@@ -45,6 +49,7 @@ class ConversationRecord:
     id: str
     conversations: list[dict]
     images: list = field(default_factory=list)
+    video: str | bytes | None = None  # a video's path or encoded bytes; then `images` is empty
 
 
 class RecordError(DataError):
@@ -56,7 +61,7 @@ def _describe(where: str, index: int, raw) -> str:
     return f"{where}: record {index}" + (f" (id={record_id})" if record_id is not None else "")
 
 
-def _image_refs(value, image_root: Path | None, where: str) -> list:
+def _image_refs(value, image_root: Path | None, where: str, column: str = "image") -> list:
     if value is None:
         return []
     items = value if isinstance(value, (list, tuple)) else [value]
@@ -75,7 +80,7 @@ def _image_refs(value, image_root: Path | None, where: str) -> list:
                 path = image_root / path
             refs.append(str(path))
         else:
-            raise RecordError(f"{where}: 'image' entries must be paths or {{'bytes': ...}}, got {item!r}")
+            raise RecordError(f"{where}: '{column}' entries must be paths or {{'bytes': ...}}, got {item!r}")
     return refs
 
 
@@ -100,11 +105,32 @@ def parse_record(raw, where: str, image_root: str | Path | None = None) -> Conve
         clean.append({"from": role, "value": value})
     root = Path(image_root) if image_root is not None else None
     images = _image_refs(raw.get("image", raw.get("images")), root, where)
+    if raw.get("video") is not None:
+        return _video_record(raw, clean, images, root, where)
     n_placeholders = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in clean)
     if n_placeholders and n_placeholders != len(images):
         raise RecordError(f"{where}: {n_placeholders} '<image>' placeholder(s) but {len(images)} image(s)")
     record_id = raw.get("id")
     return ConversationRecord(id=str(record_id) if record_id is not None else "", conversations=clean, images=images)
+
+
+def _video_record(raw: dict, turns: list[dict], images: list, root: Path | None, where: str) -> ConversationRecord:
+    """A LLaVA-OneVision / LLaVA-Video record: one video, its placeholder normalised to one `<image>`."""
+    videos = _image_refs(raw["video"], root, where, "video")
+    if len(videos) != 1 or images:
+        raise RecordError(f"{where}: a video record holds exactly one 'video' and no 'image' "
+                          f"(got {len(videos)} video(s), {len(images)} image(s))")
+    turns = [{**t, "value": t["value"].replace(VIDEO_PLACEHOLDER, IMAGE_PLACEHOLDER)} for t in turns]
+    n_placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns)
+    if n_placeholders > 1:
+        raise RecordError(f"{where}: {n_placeholders} '<image>'/'<video>' placeholders but one video")
+    if n_placeholders == 0:  # as for images: the video goes before the first question
+        first = next((i for i, t in enumerate(turns) if ROLE_ALIASES[t["from"]] == "user"), None)
+        if first is None:
+            raise RecordError(f"{where}: a video record needs a human turn to hold the video")
+        turns[first] = {**turns[first], "value": IMAGE_PLACEHOLDER + "\n" + turns[first]["value"]}
+    record_id = raw.get("id")
+    return ConversationRecord(id=str(record_id) if record_id is not None else "", conversations=turns, video=videos[0])
 
 
 def _read_json(path: Path, image_root) -> list[ConversationRecord]:

@@ -8,6 +8,11 @@ comes from the cache (codes) or from the image size through the ViQ resize polic
 
 Records whose images are missing from the cache (extraction skipped a corrupt file) are
 left out, counted in `skipped` and reported; nothing is dropped silently.
+
+Video records (data/video.py) become their sampled frames, in order, each an image of the
+sample (data/video_codes.py). With `max_len` and `overlong="truncate"`, a video sample
+longer than max_len keeps as many leading whole frames as fit (counted in
+`n_video_truncated`); with "drop" it is left to the loader, which drops and counts it.
 """
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ from PIL import Image
 
 from data.chat import build_sample
 from data.conversations import ConversationRecord
+from data.video import VideoSettings
+from data.video_codes import VideoFrames, fit_frames
 from data.vocab import SUBCODES, CodeVocab
 from viq.errors import ConfigError
 from viq.image import ImageInputError, ResizePolicy, preprocess, token_grid
@@ -74,6 +81,9 @@ class ConversationDataset:
         code_store=None,
         resize_policy: ResizePolicy | None = None,
         system: str | None = None,
+        video: VideoSettings | None = None,
+        max_len: int | None = None,
+        overlong: str = "truncate",
     ):
         if source not in VISION_SOURCES:
             raise ConfigError(f"vision.source must be one of {', '.join(VISION_SOURCES)}, got '{source}'")
@@ -88,12 +98,18 @@ class ConversationDataset:
         self.grids: list[list[tuple[int, int]]] = []
         self.skipped: dict[str, int] = {}
         self.skipped_examples: list[str] = []
+        self.videos = VideoFrames(video or VideoSettings(), source, code_store, resize_policy)
+        self.video_plans: dict[int, object] = {}  # sample index -> data.video.FramePlan (online videos)
+        self.n_video_truncated = 0
         lengths = []
         for record in records:
             keys = [image_key(ref, record.id, k, image_root) for k, ref in enumerate(record.images)]
             try:
-                grids = [self._grid(ref, key) for ref, key in zip(record.images, keys)]
-                n = int(build_sample(tokenizer, vocab, record.conversations, grids, system=system)["input_ids"].numel())
+                if record.video is not None:
+                    record, keys, grids, n = self._video_sample(record, max_len, overlong)
+                else:
+                    grids = [self._grid(ref, key) for ref, key in zip(record.images, keys)]
+                    n = self._length(record.conversations, grids)
             except (KeyError, ImageInputError, ValueError) as e:
                 reason = type(e).__name__ if not isinstance(e, KeyError) else "codes missing from the cache"
                 self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -105,6 +121,29 @@ class ConversationDataset:
             self.grids.append(grids)
             lengths.append(n)
         self._lengths = np.asarray(lengths, dtype=np.int64)
+
+    def _length(self, conversations: list[dict], grids) -> int:
+        return int(build_sample(self.tokenizer, self.vocab, conversations, grids, system=self.system)["input_ids"].numel())
+
+    def _video_sample(self, record: ConversationRecord, max_len: int | None, overlong: str):
+        """(record with the frames laid out, frame keys, grids, length) of a video record."""
+        keys, grids, seconds, plan = self.videos.resolve(record.video, image_key(record.video, record.id, 0, self.image_root))
+        n_frames = len(keys)
+
+        def length_of(k: int) -> int:
+            return self._length(self.videos.layout(record.conversations, seconds[:k]), grids[:k])
+
+        n = length_of(n_frames)
+        if max_len is not None and n > max_len and overlong == "truncate":
+            n_frames, n = fit_frames(n_frames, length_of, max_len)
+            if n_frames == 0:
+                raise ValueError(f"video '{keys[0].split('|')[0]}': not even one frame fits max_seq_len={max_len} ({n} tokens)")
+            self.n_video_truncated += 1
+        if plan is not None:
+            self.video_plans[len(self.records)] = plan.first(n_frames)
+        turns = self.videos.layout(record.conversations, seconds[:n_frames])
+        expanded = ConversationRecord(id=record.id, conversations=turns, video=record.video)
+        return expanded, keys[:n_frames], grids[:n_frames], n
 
     def _grid(self, ref, key: str) -> tuple[int, int]:
         if self.source == "codes":
@@ -133,7 +172,9 @@ class ConversationDataset:
             codes = torch.cat(parts) if parts else torch.zeros((0, SUBCODES), dtype=torch.long)
             out["codes"] = self.vocab.codes_to_ids(codes)
         else:
-            pixels = [preprocess(ref, self.policy, key) for ref, key in zip(record.images, self.keys[index])]
+            plan = self.video_plans.get(index)
+            pixels = (self.videos.pixels(record.video, plan, self.keys[index]) if plan is not None
+                      else [preprocess(ref, self.policy, key) for ref, key in zip(record.images, self.keys[index])])
             for p, (h, w), key in zip(pixels, grids, self.keys[index]):
                 f = self.policy.factor
                 if (p.shape[1] // f, p.shape[2] // f) != (h, w):

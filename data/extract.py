@@ -3,7 +3,8 @@
 Resumable (images already in the cache are skipped), safe to run as several ranks (rank r
 takes every world-th image and writes its own shards), and honest about bad images: a file
 that cannot be decoded is skipped, counted, and listed in `skipped-rank<r>.jsonl`, unless
-`on_error="fail"`, which stops with the one-line error naming the file.
+`on_error="fail"`, which stops with the one-line error naming the file. Videos are
+extracted frame by frame into the same shards (data/video_codes.py, `video` settings).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import torch
 from data.conversations import load_records
 from data.dataset import image_key
 from data.shards import ShardWriter, done_keys, merge_manifests
+from data.video import VideoSettings
+from data.video_codes import extract_videos
 from viq.errors import ConfigError
 from viq.image import ImageInputError
 
@@ -52,6 +55,7 @@ def extract_file(viq_model, viq_name: str, data_path: str, out_dir: str, *, imag
 def extract_codes(
     viq_model, viq_name: str, records, out_dir: str, *, key_root: str | None,
     rank: int = 0, world_size: int = 1, batch_images: int = 32, on_error: str = "skip", log=logger.info,
+    video: VideoSettings | None = None,
 ) -> dict:
     """Encode the images of `records` into shards under `out_dir`, keyed relative to key_root."""
     if on_error not in ("skip", "fail"):
@@ -90,6 +94,9 @@ def extract_codes(
             if log and (start // batch_images) % 20 == 0:
                 done_n = start + len(chunk)
                 log(f"rank {rank}: {done_n}/{len(todo)} images, {done_n / (time.perf_counter() - t0):.1f} images/s")
+        image_seconds = time.perf_counter() - t0  # images/s is for images; videos report their own time
+        videos = extract_videos(viq_model, records, key_root, writer, video or VideoSettings(), video_key=image_key, rank=rank,
+                                world_size=world_size, on_error=on_error, skipped_path=skipped_path)
     seconds = time.perf_counter() - t0
     manifest = merge_manifests(out_dir) if world_size == 1 else None
     n_done = len(todo) - n_skipped
@@ -98,9 +105,10 @@ def extract_codes(
         "images_already_cached": len(images) - len(todo),
         "images_encoded": n_done,
         "images_skipped": n_skipped,
-        "skipped_report": str(skipped_path) if n_skipped else None,
+        **videos,
+        "skipped_report": str(skipped_path) if n_skipped or videos["videos_skipped"] else None,
         "seconds": seconds,
-        "images_per_s": n_done / seconds if seconds > 0 else 0.0,
+        "images_per_s": n_done / image_seconds if image_seconds > 0 else 0.0,
         "tokens": n_tokens,
         "compression_ratio": (n_raw_bytes / n_codes_bytes) if n_codes_bytes else None,
         "shards": len(manifest["shards"]) if manifest else None,

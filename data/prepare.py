@@ -18,7 +18,9 @@ from pathlib import Path
 
 from data.conversations import load_mixture, load_records, mixture_order
 from data.extract import cache_meta, extract_codes
+from data.dataset import image_key
 from data.shards import CodeStore
+from data.video_codes import missing_videos
 from viq.errors import MissingFileError
 
 logger = logging.getLogger(__name__)
@@ -73,7 +75,7 @@ def prepare_training_data(cfg, viq_cfg, *, rank: int, barrier, get_viq, log=logg
         from data.synthetic import make_synthetic_dataset
 
         log(f"generating the synthetic demo data set ({cfg.data.synthetic_n} samples) in {cfg.data.root}")
-        make_synthetic_dataset(cfg.data.root, cfg.data.synthetic_n, seed=cfg.trainer.seed)
+        make_synthetic_dataset(cfg.data.root, cfg.data.synthetic_n, seed=cfg.trainer.seed, n_videos=cfg.data.synthetic_videos)
 
     _on_every_disk(make_demo_data, lambda: not cfg.data.train and not path.exists(),
                    rank=rank, local_rank=local_rank, barrier=barrier)
@@ -87,12 +89,19 @@ def prepare_training_data(cfg, viq_cfg, *, rank: int, barrier, get_viq, log=logg
 
     def extract():
         log(f"extracting codes with {cfg.model.viq} into {codes_dir}" + (f" (rank {rank})" if rank else ""))
-        summary = extract_codes(get_viq(), cfg.model.viq, records, str(codes_dir), key_root=image_root, log=None)
+        summary = extract_codes(get_viq(), cfg.model.viq, records, str(codes_dir), key_root=image_root, log=None,
+                                video=cfg.data.video)
         log(f"  {summary['images_encoded']} images at {summary['images_per_s']:.1f} images/s, "
-            f"compression {summary['compression_ratio'] or 0:.0f}x, {summary['images_skipped']} skipped")
+            f"compression {summary['compression_ratio'] or 0:.0f}x, {summary['images_skipped']} skipped"
+            + (f"; {summary['videos_encoded']} videos ({summary['video_frames_encoded']} frames), "
+               f"{summary['videos_skipped']} skipped" if summary["videos_total"] else ""))
 
-    _on_every_disk(extract, lambda: cfg.vision.extract_if_missing and not manifest.exists(),
-                   rank=rank, local_rank=local_rank, barrier=barrier)
+    def missing() -> bool:
+        # Videos are cached per sampling setting (data.video): new settings extract their frames.
+        return cfg.vision.extract_if_missing and (
+            not manifest.exists() or missing_videos(codes_dir, records, image_root, image_key, cfg.data.video) > 0)
+
+    _on_every_disk(extract, missing, rank=rank, local_rank=local_rank, barrier=barrier)
     if not manifest.exists():
         raise MissingFileError(
             f"vision.codes_dir: no code cache at {codes_dir}; run scripts/extract_codes.py or set vision.extract_if_missing=true"

@@ -268,10 +268,24 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def make_synthetic_dataset(out: str | Path, n: int, seed: int = 0, val_fraction: float = 0.1) -> dict:
-    """Draw `n` samples into `out` (see the module docstring); returns a summary dict."""
+def _write_tsv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns, delimiter="\t", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue())
+
+
+def make_synthetic_dataset(out: str | Path, n: int, seed: int = 0, val_fraction: float = 0.1, n_videos: int = 0) -> dict:
+    """Draw `n` samples into `out` (see the module docstring); returns a summary dict.
+
+    `n_videos` > 0 appends that many moving-shape videos (data/synthetic_video.py) after the
+    image records of each split and writes vlmeval/SYNTH_VIDEO.tsv; the image records are the
+    same as without them."""
     if n <= 0:
         raise ConfigError(f"--n must be positive, got {n}")
+    if n_videos < 0:
+        raise ConfigError(f"--videos must be >= 0, got {n_videos}")
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     out = Path(out)
@@ -306,14 +320,18 @@ def make_synthetic_dataset(out: str | Path, n: int, seed: int = 0, val_fraction:
 
     for family, rows in tsv_rows.items():
         columns = ["index", "image", "question"] + (list(OPTION_LETTERS) if family == "shapes" else [])
-        columns += ["answer", "category"]
-        text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=columns, delimiter="\t", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write(out / "vlmeval" / f"{TSV_NAMES[family]}.tsv", text.getvalue())
+        _write_tsv(out / "vlmeval" / f"{TSV_NAMES[family]}.tsv", rows, columns + ["answer", "category"])
     summary = {"out": str(out), "n": n, "seed": seed, "train": len(splits["train"]), "val": len(splits["val"]),
                "val_per_benchmark": {TSV_NAMES[f]: len(r) for f, r in tsv_rows.items()}}
+    if n_videos:
+        from data.synthetic_video import TSV_NAME, make_synthetic_videos
+
+        video_train, video_val, video_rows = make_synthetic_videos(out, n_videos, seed, val_fraction)
+        splits["train"] += video_train
+        splits["val"] += video_val
+        _write_tsv(out / "vlmeval" / f"{TSV_NAME}.tsv", video_rows, ["index", "video", "question", *OPTION_LETTERS, "answer", "category"])
+        summary.update(n_videos=n_videos, train=len(splits["train"]), val=len(splits["val"]))
+        summary["val_per_benchmark"][TSV_NAME] = len(video_rows)
     atomic_write_json(out / "meta.json", summary, indent=2)
     # train.jsonl last, each file atomic: the trainer regenerates the set when train.jsonl is absent,
     # so its presence must mean a complete data set (a killed run left a partial one behind before).

@@ -9,7 +9,9 @@ the place it occurs and its ViQ codes fill that placeholder's grid. Images that 
 any text (the usual VLMEvalKit layout) are written `<image>\\n`, one per line, exactly the
 LLaVA convention the training data uses (`data.chat` places placeholder-less images that
 way); images inside the text (MMMU's `<image k>` interleaving) take no separator, so the
-question text stays as the benchmark wrote it.
+question text stays as the benchmark wrote it. A `{'type': 'video'}` item is sampled,
+decoded and laid out exactly as training lays out video records (data/video.py), with the
+sampling settings the export recorded (`video.json`, the run's `data.video`).
 
 Prompts are sorted by length before batching (less padding), decoded greedily with the KV
 cache of `ViQMLLM.generate_from_codes`, and returned in the caller's order. Left padding and
@@ -24,6 +26,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from data.chat import IMAGE_PLACEHOLDER, build_prompt
+from data.video import frame_layout, frame_pixels, plan_frames, read_video_settings, video_label
 from data.vocab import ENDOFTEXT_ID, IM_END_ID, SUBCODES
 from mllm.export import MARKER_FILE, load_export, load_viq
 from viq.dtypes import default_device, parse_dtype
@@ -74,21 +77,28 @@ def check_export_dir(export_dir) -> Path:
     return root
 
 
+@dataclass(frozen=True)
+class VideoItem:
+    """A video of a message list (its path or encoded bytes), told apart from images."""
+
+    ref: object
+
+
 def human_turn(messages: Sequence[dict]) -> tuple[str, list]:
-    """VLMEvalKit message list -> (turn text with '<image>' placeholders, images in order)."""
+    """VLMEvalKit message list -> (turn text with '<image>' placeholders, images and VideoItems in order)."""
     text, images = '', []
     seen_text = False
     for position, item in enumerate(messages):
         kind = item.get('type') if isinstance(item, dict) else None
-        if kind == 'image':
-            images.append(item['value'])
+        if kind in ('image', 'video'):
+            images.append(item['value'] if kind == 'image' else VideoItem(item['value']))
             text += IMAGE_PLACEHOLDER + ('' if seen_text else '\n')
         elif kind == 'text':
             value = str(item['value'])
             text += value.replace(IMAGE_PLACEHOLDER, _LITERAL_PLACEHOLDER)
             seen_text = seen_text or bool(value)
         else:
-            raise ValueError(f"message item {position}: type must be 'image' or 'text', got {item!r:.80}")
+            raise ValueError(f"message item {position}: type must be 'image', 'video' or 'text', got {item!r:.80}")
     return text, images
 
 
@@ -105,6 +115,7 @@ class MLLMGenerator:
                                                              attn_implementation=attn_implementation)
         # The ViQ encoder stays in float32: codes are integers and fp32 keeps FSQ rounding exact.
         self.viq = load_viq(root, device=self.device)
+        self.video = read_video_settings(root)
         self.system = system
         self.batch_size = batch_size
         eos = {IM_END_ID, ENDOFTEXT_ID}
@@ -119,8 +130,15 @@ class MLLMGenerator:
     def prepare(self, messages_batch: Sequence[Sequence[dict]]) -> list[PreparedPrompt]:
         """Encode every image of the batch in one ViQ call and build each chat prompt."""
         turns = [human_turn(messages) for messages in messages_batch]
-        all_images = [image for _, images in turns for image in images]
-        codes = self.viq.encode(all_images) if all_images else []
+        if any(isinstance(item, VideoItem) for _, images in turns for item in images):
+            turns = [self._with_frames(text, images) for text, images in turns]
+            pixels = [p for _, frames in turns for p in frames]
+            self.viq.eval()
+            with torch.inference_mode():
+                codes = self.viq.encode_pixels(pixels)
+        else:
+            all_images = [image for _, images in turns for image in images]
+            codes = self.viq.encode(all_images) if all_images else []
         prompts, next_image = [], 0
         for text, images in turns:
             grids = codes[next_image:next_image + len(images)]
@@ -131,6 +149,23 @@ class MLLMGenerator:
             code_ids = self.vocab.codes_to_ids(torch.cat(flat)) if flat else torch.zeros((0, SUBCODES), dtype=torch.long)
             prompts.append(PreparedPrompt(built['input_ids'], code_ids))
         return prompts
+
+    def _with_frames(self, text: str, items: list) -> tuple[str, list[torch.Tensor]]:
+        """The turn with each video's placeholder laid out as its frames, and every image's or
+        frame's preprocessed pixels in order (frames resized with the per-frame budget)."""
+        pieces = text.split(IMAGE_PLACEHOLDER)
+        out, pixels = pieces[0], []
+        for item, piece in zip(items, pieces[1:]):
+            if isinstance(item, VideoItem):
+                label = video_label(item.ref)
+                plan = plan_frames(item.ref, self.video, label)
+                pixels += frame_pixels(item.ref, plan, self.video, self.viq.config.resize_policy, [label] * len(plan.pts))
+                out += frame_layout([round(t, 3) for t in plan.seconds], self.video.timestamps)
+            else:
+                pixels += self.viq.preprocess([item])
+                out += IMAGE_PLACEHOLDER
+            out += piece
+        return out, pixels
 
     # -- decoding -----------------------------------------------------------------------------
 

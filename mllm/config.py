@@ -17,6 +17,7 @@ import yaml
 
 from data.dataset import VISION_SOURCES
 from data.packing import OVERLONG_POLICIES
+from data.video import VideoSettings
 from mllm.attention import ATTENTION_BACKENDS
 from mllm.lora import LoraSettings
 from mllm.loss import LOSS_IMPLEMENTATIONS
@@ -58,12 +59,14 @@ class DataConfig:
     train: str = ""  # conversations file (JSON/JSONL/parquet/HF dir) or mixture YAML; default <root>/train.jsonl
     image_root: str = ""  # default: the directory of the train file
     synthetic_n: int = 600  # size of the generated demo data set
+    synthetic_videos: int = 0  # moving-shape videos added to a newly generated demo set (0: images only)
     max_seq_len: int = 4096
     overlong: str = "truncate"  # truncate | drop: samples longer than max_seq_len, counted
     buffer_size: int = 256  # samples packed together (best-fit-decreasing)
     micro_batch_packs: int = 1  # packed rows per micro-batch
     pad_to_capacity: bool = False  # pad each row to max_seq_len (static shapes on GPU)
     system_prompt: str = ""  # empty: Qwen2.5's default system prompt
+    video: VideoSettings = field(default_factory=VideoSettings)  # frame sampling of video records (data/video.py)
 
 
 @dataclass
@@ -131,6 +134,7 @@ class TrainConfig:
         if not 0.0 <= self.model.checkpoint_fraction <= 1.0:
             raise ConfigError(f"config key 'model.checkpoint_fraction' must be in [0, 1], got {self.model.checkpoint_fraction}")
         self.model.lora.validate(self)
+        self.data.video.validate()
         positive = {
             "data.max_seq_len": self.data.max_seq_len,
             "data.buffer_size": self.data.buffer_size,

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from data.dataset import ConversationDataset
+from data.video import write_video_settings
 from data.loader import PackedLoader
 from data.prepare import prepare_training_data
 from data.tokenizer import build_tokenizer
@@ -121,9 +122,13 @@ class Trainer:
         self.dataset = ConversationDataset(
             self.records, self.tokenizer, self.vocab, source=cfg.vision.source, image_root=self.image_root,
             code_store=self.code_store, resize_policy=policy, system=d.system_prompt or None,
+            video=d.video, max_len=self.capacity, overlong=d.overlong,
         )
         if self.dataset.n_skipped:
             log.info(f"data: skipped {self.dataset.n_skipped} record(s) {self.dataset.skipped}; e.g. {self.dataset.skipped_examples[0]}")
+        if self.dataset.n_video_truncated:
+            log.info(f"data: {self.dataset.n_video_truncated} video sample(s) longer than {self.capacity} tokens "
+                     f"keep only their leading whole frames (data.overlong=truncate)")
         if len(self.dataset) == 0:
             raise DataError(f"no usable training records in {d.train or d.root}")
         self.loader = PackedLoader(
@@ -482,6 +487,7 @@ class Trainer:
         state = self.engine._zero3_consolidated_16bit_state_dict() if stage == 3 else None  # collective: every rank
         if self.is_main:
             save_export(self.model, self.tokenizer, self.vocab, out, self.viq, state_dict=state)
+            write_video_settings(out, self.cfg.data.video)
             if self.cfg.model.lora.export_adapter:
                 from mllm.lora_export import save_adapter_export
 

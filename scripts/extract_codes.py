@@ -8,6 +8,8 @@ Resumable: rerun the same command after a kill and it continues. Several ranks: 
 --rank r --world-size n (or under torchrun / the deepspeed launcher, which set RANK and
 WORLD_SIZE), then `--merge` once to list every rank's shards in one manifest.
 Prints images/s, the compression ratio (raw RGB bytes / code bytes) and a JSON summary.
+Video records are sampled with --video-max-frames / --video-fps / --video-frame-max-pixels
+(the trainer's data.video.*; each setting keeps its own frames in the cache).
 """
 import argparse
 import json
@@ -33,15 +35,21 @@ def main() -> int:
     ap.add_argument("--device", default=None, help="default: cuda when available")
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
     ap.add_argument("--on-error", default="skip", choices=["skip", "fail"], help="undecodable images: skip (counted, listed) or stop")
+    ap.add_argument("--video-max-frames", type=int, default=32, help="frames per video (data.video.max_frames)")
+    ap.add_argument("--video-fps", type=float, default=0.0, help="frames per second, 0: uniform (data.video.fps)")
+    ap.add_argument("--video-frame-max-pixels", type=int, default=224 * 224, help="per-frame pixel budget (data.video.frame_max_pixels)")
     ap.add_argument("--verify", action="store_true", help="re-read every shard and record, report problems")
     ap.add_argument("--merge", action="store_true", help="only build the manifest from all ranks' shards")
     args = ap.parse_args()
     setup_logging(args.rank, stream=sys.stderr)  # stdout carries the results
 
     from data.shards import merge_manifests, verify
+    from data.video_codes import incomplete_video_errors
 
     if args.verify:
         report = verify(args.out)
+        report["errors"] += incomplete_video_errors(args.out)
+        report["ok"] = not report["errors"]
         print(json.dumps(report, indent=2))
         return 0 if report["ok"] else 1
     if args.merge:
@@ -52,17 +60,21 @@ def main() -> int:
         ap.error("--tokenizer and --data are required unless --verify or --merge is given")
 
     from data.extract import extract_file
+    from data.video import VideoSettings
     from viq import ViQModel
     from viq.dtypes import default_device, parse_dtype
 
+    video = VideoSettings(args.video_max_frames, args.video_fps, args.video_frame_max_pixels).validate("--video")
     device = args.device or default_device()
     model = ViQModel.from_pretrained(args.tokenizer, device=device, dtype=parse_dtype(args.dtype, device))
     summary = extract_file(
         model, args.tokenizer, args.data, args.out, image_root=args.image_root, rank=args.rank,
         world_size=args.world_size, batch_images=args.batch_images, on_error=args.on_error,
+        video=video,
     )
     print(f"{summary['images_encoded']} images encoded at {summary['images_per_s']:.1f} images/s; "
-          f"compression ratio {summary['compression_ratio'] or 0:.0f}x; {summary['images_skipped']} skipped")
+          f"compression ratio {summary['compression_ratio'] or 0:.0f}x; {summary['images_skipped']} skipped; "
+          f"{summary['videos_encoded']} videos ({summary['video_frames_encoded']} frames), {summary['videos_skipped']} skipped")
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -1,6 +1,6 @@
 """Write the synthetic chart / document / shapes data set (LLaVA JSONL + VLMEvalKit TSVs).
 
-    python scripts/make_synthetic_data.py --out runs/data/synthetic --n 2000 [--seed 0] [--val-fraction 0.1]
+    python scripts/make_synthetic_data.py --out runs/data/synthetic --n 2000 [--seed 0] [--val-fraction 0.1] [--videos 200]
 """
 from __future__ import annotations
 
@@ -21,10 +21,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output folder (images/, train.jsonl, val.jsonl, vlmeval/)")
     parser.add_argument("--n", type=int, required=True, help="number of samples (train + val)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--videos", type=int, default=0,
+                        help="also write this many moving-shape videos (train/val records and vlmeval/SYNTH_VIDEO.tsv)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share of samples in the validation split")
     args = parser.parse_args(argv)
     setup_logging(stream=sys.stderr)
-    summary = make_synthetic_dataset(args.out, args.n, seed=args.seed, val_fraction=args.val_fraction)
+    summary = make_synthetic_dataset(args.out, args.n, seed=args.seed, val_fraction=args.val_fraction, n_videos=args.videos)
     print(json.dumps(summary))
     return 0
 

@@ -10,7 +10,7 @@ from eval.benchmarks.mmmu import MMMU
 from eval.benchmarks.mmstar import MMStar
 from eval.benchmarks.ocrbench import OCRBench
 from eval.benchmarks.simplevqa import SimpleVQA
-from eval.benchmarks.synthetic import SynthChart, SynthDoc, SynthShapes
+from eval.benchmarks.synthetic import SynthChart, SynthDoc, SynthShapes, SynthVideo
 from eval.benchmarks.textvqa import TextVQA
 from viq.errors import ConfigError
 
@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, type[Benchmark]] = {
     'SYNTH_CHART': SynthChart,
     'SYNTH_DOC': SynthDoc,
     'SYNTH_SHAPES': SynthShapes,
+    'SYNTH_VIDEO': SynthVideo,
     # The synthetic validation family also answers to SYNTH_VAL_<NAME>.
     'SYNTH_VAL_CHART': SynthChart,
     'SYNTH_VAL_DOC': SynthDoc,

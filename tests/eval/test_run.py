@@ -14,7 +14,7 @@ from data.chat import build_prompt
 from data.synthetic import make_synthetic_dataset
 from data.tokenizer import build_tokenizer
 from eval.benchmarks import BENCHMARKS, get_benchmark
-from eval.generate import MLLMGenerator, human_turn, model_name_from_path
+from eval.generate import MLLMGenerator, VideoItem, human_turn, model_name_from_path
 from eval.data import DataError
 from eval.run import main, read_predictions
 from eval.score import score_file
@@ -86,8 +86,10 @@ def test_human_turn_places_images_where_they_occur():
                                {'type': 'text', 'value': ' and '}, {'type': 'image', 'value': 2},
                                {'type': 'text', 'value': '. Write <image> tags?'}])
     assert text == 'Compare <image> and <image>. Write < image> tags?' and images == [1, 2]
-    with pytest.raises(ValueError, match="message item 0: type must be 'image' or 'text'"):
-        human_turn([{'type': 'video', 'value': 'x.mp4'}])
+    text, items = human_turn([{'type': 'video', 'value': 'x.mp4'}, {'type': 'text', 'value': 'Where to?'}])
+    assert text == '<image>\nWhere to?' and items == [VideoItem('x.mp4')]   # laid out as frames by prepare()
+    with pytest.raises(ValueError, match="message item 0: type must be 'image', 'video' or 'text'"):
+        human_turn([{'type': 'audio', 'value': 'x.wav'}])
 
 
 def test_prompt_matches_the_training_layout(setup):
