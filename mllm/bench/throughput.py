@@ -111,8 +111,8 @@ class ContinuousArm(nn.Module):
         self.encoder.gradient_checkpointing_enable()
         return self.mllm.gradient_checkpointing_enable(fraction=fraction)
 
-    def compile_decoder_layers(self) -> int:
-        return self.mllm.compile_decoder_layers()
+    def compile_decoder_layers(self, **compile_kwargs) -> int:
+        return self.mllm.compile_decoder_layers(**compile_kwargs)
 
     def unsupported_settings(self, cfg) -> dict[str, str]:
         return {}
