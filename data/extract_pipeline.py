@@ -219,12 +219,13 @@ def _finish(local: dict, out_dir: str, rank: int, world: int, skipped_path, veri
         return {**local, "rank": rank, "world_size": world, "merged": False, **_rates(local)}
     summary = {k: sum(p[k] for p in parts) for k in local}
     summary["seconds"] = max(p["seconds"] for p in parts)
-    summary.update(rank=rank, world_size=world, per_rank_images_per_s=[_rates(p)["images_per_s"] for p in parts])
+    summary.update(rank=rank, world_size=world, per_rank_images_per_s=[_rates(p)["images_per_s"] for p in parts],
+                   merged=True)  # rank 0 merges below; the others wait for it at the barrier
     if rank == 0:
         t0 = time.perf_counter()
         manifest = merge_manifests(out_dir)
         report = verify(out_dir) if verify_shards else None
-        summary.update(merged=True, shards=len(manifest["shards"]), records_in_cache=manifest["n_records"],
+        summary.update(shards=len(manifest["shards"]), records_in_cache=manifest["n_records"],
                        verify_seconds=time.perf_counter() - t0)
         if report is not None:
             summary.update(verified=report["ok"], verify_errors=report["errors"][:20])

@@ -55,6 +55,8 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action="store_true", help="torch.compile the decoder layers")
     ap.add_argument("--attn", default="auto", help="auto | sdpa | flex_attention | flash_attention_2")
     ap.add_argument("--zero-stage", type=int, default=1)
+    ap.add_argument("--deepspeed-config", default="", help="DeepSpeed JSON (e.g. configs/deepspeed/zero3_offload.json "
+                    "for 7B on one GPU); default configs/deepspeed/zero<stage>.json")
     ap.add_argument("--optimizer", default="config",
                     help="optim.implementation: config (the DeepSpeed JSON's torch AdamW) | torch_foreach | torch_fused | "
                          "deepspeed_fused")
@@ -71,7 +73,7 @@ def parse_args(argv=None):
                          "2 micro-batches per optimizer step, CUDA graphs)")
     ap.add_argument("--sweep-variants", default="",
                     help="with --sweep-levers: only these one-lever variants of the final settings, by key "
-                         "(optimizer_<impl>, zero<stage>, accum2, cuda_graphs); default: all that apply")
+                         "(optimizer_<impl>, zero<stage>, accum2, cuda_graphs) or none; default: all that apply")
     ap.add_argument("--out-dir", default=None, help="write bench_throughput.{json,md,png} here")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     return ap.parse_args(argv)
@@ -191,7 +193,7 @@ def main(argv=None):
                 gradient_checkpointing=args.gradient_checkpointing,
                 checkpoint_fraction=args.checkpoint_fraction, loss_impl=args.loss_impl, compile_layers=args.compile,
                 attn_implementation=args.attn, zero_stage=args.zero_stage, lora_rank=args.lora_rank,
-                optimizer=args.optimizer, compile_mode=args.compile_mode,
+                optimizer=args.optimizer, compile_mode=args.compile_mode, deepspeed_config=args.deepspeed_config,
             )
             make = lambda s: spec_for(llm, capacity, viq=pick("viq"), image_size=pick("image_size"), steps=pick("steps"),  # noqa: E731
                                       warmup=pick("warmup"), settings=s, text_tokens=text_tokens)
@@ -202,7 +204,8 @@ def main(argv=None):
             if args.sweep_levers:
                 try:
                     variants = lever_variants(settings, torch.cuda.is_available(),
-                                              [v for v in args.sweep_variants.split(",") if v])
+                                              [v for v in args.sweep_variants.split(",") if v not in ("", "none")])
+                    variants = [] if args.sweep_variants == "none" else variants
                 except ValueError as e:
                     sys.exit(f"bench_throughput: error: {e}")
                 for label, lever_settings in lever_steps(settings)[:-1]:  # the last one is the comparison's codes arm

@@ -58,6 +58,7 @@ class StepSettings:
     zero_stage: int = 1
     optimizer: str = "config"  # optim.implementation: config | torch_foreach | torch_fused | deepspeed_fused
     compile_mode: str = "default"  # model.compile_mode with compile_layers (reduce-overhead: CUDA graphs)
+    deepspeed_config: str = ""  # a DeepSpeed JSON instead of configs/deepspeed/zero<stage>.json (offload for 7B)
     lora_rank: int = 0  # > 0: LoRA of this rank on every linear layer, code rows in full (mllm/lora.py); 0: full training
 
 
@@ -217,7 +218,7 @@ def bench_config(spec: BenchSpec, arm: str, run_dir: str) -> TrainConfig:
         cfg.model.lora.enabled, cfg.model.lora.rank, cfg.model.lora.alpha = True, s.lora_rank, 2.0 * s.lora_rank
     cfg.optim.warmup_steps, cfg.optim.lr = 1, 1e-5
     t = cfg.trainer
-    t.runs_dir, t.run_name, t.zero_stage = run_dir, arm, s.zero_stage
+    t.runs_dir, t.run_name, t.zero_stage, t.deepspeed_config = run_dir, arm, s.zero_stage, s.deepspeed_config
     t.max_steps, t.tensorboard, t.progress, t.export = spec.steps + spec.warmup, False, False, False
     return cfg.validate()
 
