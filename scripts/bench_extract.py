@@ -8,14 +8,12 @@ Prints one JSON object (mllm/bench/extract.py); on a GPU the target is end_to_en
 encode_only >= 0.9.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from viq.errors import ConfigError, run_cli  # noqa: E402
-from viq.io import atomic_write  # noqa: E402
 from viq.log import setup_logging  # noqa: E402
 
 
@@ -39,12 +37,10 @@ def main() -> int:
     if args.images < 8 or min(workers) < 0 or len(size) != 2:
         raise ConfigError("--images must be >= 8, --workers >= 0 and --size height,width")
     from mllm.bench.extract import run_extract_benchmark
+    from mllm.bench.report import print_and_save
 
     result = run_extract_benchmark(args.preset, args.images, workers, args.device, args.dtype, size, args.extract_workers)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        atomic_write(args.out, text + "\n")
+    print_and_save(result, args.out)
     return 0
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mllm.bench.report import print_and_save  # noqa: E402
 from mllm.bench.encode import ENCODE_CASES, run_encode_benchmark, run_encode_levers  # noqa: E402
 from viq.errors import ConfigError  # noqa: E402
 from viq.errors import run_cli  # noqa: E402
@@ -49,10 +50,7 @@ def main() -> int:
             raise ConfigError(f"--levers: {e}") from None
     else:
         result = run_encode_benchmark(args.preset, args.device, args.dtype, args.images, args.repeats)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        atomic_write(args.out, text + "\n")
+    print_and_save(result, args.out)
     return 0
 
 

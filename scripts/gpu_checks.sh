@@ -18,6 +18,7 @@
 #   7b_4k 7b_16k qwen2.5-7b codes step on one GPU, ZeRO-3 with the optimizer on the CPU   (<= 300 s each)
 #   online       online ViQ arm at 0.5B/4k and 1.5B/16k, SigLIP frozen at 16k           (<= 300 s)
 #   lora_7b_4k   LoRA r=64 vs full training of 7B at 4k                                  (<= 460 s)
+#   compare_0.5b compare_1.5b  codes vs every encoder arm (the comparison table)         (<= 300 s each)
 #
 #   WHEELS=/path/to/wheels OUT_DIR=/tmp/gpu bash scripts/gpu_checks.sh [part ...]
 # $WHEELS holds sdists / wheels for what the image lacks (`bash scripts/gpu_wheels.sh DIR` fills
@@ -31,6 +32,7 @@ export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$OUT_DIR/../inductor-c
 PY=${PYTHON:-python3}
 LOG="$OUT_DIR/log.txt"
 BENCH="$PY scripts/bench_throughput.py --mode paper --viq viq-1.3b --loss-impl fused --compile"
+ARMS=codes,internvit-300m_trainable,siglip-so400m_trainable,siglip-so400m-llava-ov_trainable,internvit-300m_frozen,siglip-so400m_frozen,siglip-so400m-llava-ov_frozen,online_viq
 VARIANTS=optimizer_torch_fused,optimizer_deepspeed_fused,zero0,zero2,accum2,cuda_graphs
 
 part() {  # name timeout_s command...: run one part, record its status and seconds
@@ -100,12 +102,16 @@ for point in "${points[@]}"; do
                     --arms codes,online_viq --steps 3 --warmup 2 --out-dir "$OUT_DIR/online_0.5b"
                 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True part online_1.5b 150 $BENCH --llm qwen2.5-1.5b \
                     --capacity 16384 --arms codes,online_viq,siglip-so400m_frozen --steps 2 --warmup 1 --out-dir "$OUT_DIR/online_1.5b" ;;
+        compare_0.5b) part compare_0.5b 300 $BENCH --llm qwen2.5-0.5b --capacity 4096 --micro-batch-tokens 32768 \
+                          --arms "$ARMS" --steps 4 --warmup 2 --out-dir "$OUT_DIR/compare_0.5b" ;;
+        compare_1.5b) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True part compare_1.5b 300 $BENCH --llm qwen2.5-1.5b \
+                          --capacity 16384 --arms "$ARMS" --steps 2 --warmup 1 --out-dir "$OUT_DIR/compare_1.5b" ;;
         lora_7b_4k) for rank in 64 0; do  # LoRA first: full AdamW is estimated past an H200's memory
                    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True part "lora_7b_4k_r$rank" 230 $PY scripts/bench_throughput.py \
                        --mode paper --viq viq-1.3b --steps 2 --warmup 1 --loss-impl fused --gradient-checkpointing \
                        --llm qwen2.5-7b --capacity 4096 --arms codes --lora-rank $rank --zero-stage 2 --out-dir "$OUT_DIR/7b_lora$rank"
                done ;;
-        *) echo "unknown part $point (setup tests levers_0.5b encode extract levers_1.5b profile 7b_4k 7b_16k online lora_7b_4k)"; exit 2 ;;
+        *) echo "unknown part $point (setup tests levers_0.5b encode extract levers_1.5b profile 7b_4k 7b_16k online lora_7b_4k compare_0.5b compare_1.5b)"; exit 2 ;;
     esac
 done
 grep -h "Traceback\|Error" "$LOG" | sort | uniq -c | sort -rn | head -20
