@@ -19,6 +19,7 @@ from data.dataset import VISION_SOURCES
 from data.packing import OVERLONG_POLICIES
 from mllm.attention import ATTENTION_BACKENDS
 from mllm.lora import LoraSettings
+from mllm.kernels import KERNEL_SETS
 from mllm.loss import LOSS_IMPLEMENTATIONS
 from mllm.optimizers import OPTIMIZER_IMPLEMENTATIONS
 from mllm.vocab_tables import EMBEDDING_INITS
@@ -44,6 +45,8 @@ class ModelConfig:
     loss_impl: str = "chunked"  # chunked (recompute logits in backward) | fused (gradients in the forward)
     loss_chunk_size: int = 1024  # rows of logits alive at a time
     compile_layers: bool = False  # torch.compile each decoder layer (GPU: fuses norm / RoPE / SwiGLU)
+    kernels: str = "none"  # none | liger: liger-kernel's RMSNorm and SwiGLU modules (CUDA; mllm/kernels.py)
+    fp8: bool = False  # torchao float8 training of the decoder layers' linears (H100/H200)
     compile_mode: str = "default"  # with compile_layers: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     lora: LoraSettings = field(default_factory=LoraSettings)  # LoRA on the body, code rows in full (mllm/lora.py)
 
@@ -126,6 +129,7 @@ class TrainConfig:
             "model.loss_impl": (self.model.loss_impl, LOSS_IMPLEMENTATIONS),
             "model.attn_implementation": (self.model.attn_implementation, ("auto", *ATTENTION_BACKENDS)),
             "model.compile_mode": (self.model.compile_mode, COMPILE_MODES),
+            "model.kernels": (self.model.kernels, KERNEL_SETS),
             "optim.implementation": (self.optim.implementation, OPTIMIZER_IMPLEMENTATIONS),
         }
         for key, (value, valid) in choices.items():

@@ -73,7 +73,7 @@ def parse_args(argv=None):
                          "2 micro-batches per optimizer step, CUDA graphs)")
     ap.add_argument("--sweep-variants", default="",
                     help="with --sweep-levers: only these one-lever variants of the final settings, by key "
-                         "(optimizer_<impl>, zero<stage>, accum2, cuda_graphs) or none; default: all that apply")
+                         "(optimizer_<impl>, zero<stage>, accum2, liger, fp8, cuda_graphs) or none; default: all that apply")
     ap.add_argument("--out-dir", default=None, help="write bench_throughput.{json,md,png} here")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     return ap.parse_args(argv)
@@ -119,6 +119,10 @@ def lever_variants(final, cuda: bool, only: list[str] | None = None):
             out[f"zero{stage}"] = (f"final, ZeRO stage {stage}", replace(final, zero_stage=stage))
     if final.grad_accum == 1:
         out["accum2"] = ("final, 2 micro-batches per optimizer step", replace(final, grad_accum=2))
+    if cuda and final.kernels == "none":
+        out["liger"] = ("final, liger-kernel RMSNorm + SwiGLU", replace(final, kernels="liger"))
+    if cuda and not final.fp8:
+        out["fp8"] = ("final, torchao float8 linears (MFU against the bf16 peak)", replace(final, fp8=True))
     if cuda and final.compile_layers and final.compile_mode == "default":
         out["cuda_graphs"] = ("final, CUDA graphs (compile mode reduce-overhead)", replace(final, compile_mode="reduce-overhead"))
     if only:

@@ -9,7 +9,8 @@
 #                extraction pipeline on CUDA                                            (<= 120 s)
 #   levers_0.5b  cached-code step of qwen2.5-0.5b at 4k: the levers one at a time, then the
 #                final step with one more lever each (torch fused AdamW, DeepSpeed FusedAdam,
-#                ZeRO 0 / 2, 2 micro-batches per step, CUDA graphs); per-step times     (<= 300 s)
+#                ZeRO 0 / 2, 2 micro-batches per step, CUDA graphs, liger-kernel, torchao
+#                float8); per-step times                                                  (<= 300 s)
 #   encode       viq-1.3b encode levers on 448 px, mixed 112-896 px, 256 px as 16x16     (<= 150 s)
 #   extract      JPEG files -> verified shards vs encode only, decode per worker        (<= 120 s)
 # Second tier, for a second run if time is left (name them):
@@ -33,7 +34,7 @@ PY=${PYTHON:-python3}
 LOG="$OUT_DIR/log.txt"
 BENCH="$PY scripts/bench_throughput.py --mode paper --viq viq-1.3b --loss-impl fused --compile"
 ARMS=codes,internvit-300m_trainable,siglip-so400m_trainable,siglip-so400m-llava-ov_trainable,internvit-300m_frozen,siglip-so400m_frozen,siglip-so400m-llava-ov_frozen,online_viq
-VARIANTS=optimizer_torch_fused,optimizer_deepspeed_fused,zero0,zero2,accum2,cuda_graphs
+VARIANTS=optimizer_torch_fused,optimizer_deepspeed_fused,zero0,zero2,accum2,cuda_graphs,liger,fp8
 
 part() {  # name timeout_s command...: run one part, record its status and seconds
     local name=$1 limit=$2
@@ -58,6 +59,10 @@ setup() {
         [ -d "${WHEELS:-}" ] || { echo "missing ${missing[*]} and no WHEELS folder"; return 3; }
         $PY -m pip install --no-index --find-links "$WHEELS" --no-build-isolation "${missing[@]}" || return 4
     fi
+    for spec in liger_kernel:liger-kernel torchao:torchao; do  # optional: their variants fail alone without them
+        $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('${spec%%:*}') is None)" || \
+            $PY -m pip install --no-index --find-links "${WHEELS:-.}" --no-deps "${spec##*:}" || echo "no ${spec##*:}"
+    done
     $PY - <<'EOF' >"$OUT_DIR/env.json"
 import json, torch, transformers, deepspeed
 d = torch.cuda.get_device_properties(0)

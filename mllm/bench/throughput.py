@@ -58,6 +58,8 @@ class StepSettings:
     zero_stage: int = 1
     optimizer: str = "config"  # optim.implementation: config | torch_foreach | torch_fused | deepspeed_fused
     compile_mode: str = "default"  # model.compile_mode with compile_layers (reduce-overhead: CUDA graphs)
+    kernels: str = "none"  # model.kernels: liger (CUDA)
+    fp8: bool = False  # model.fp8: torchao float8 linears (Hopper)
     deepspeed_config: str = ""  # a DeepSpeed JSON instead of configs/deepspeed/zero<stage>.json (offload for 7B)
     lora_rank: int = 0  # > 0: LoRA of this rank on every linear layer, code rows in full (mllm/lora.py); 0: full training
 
@@ -211,6 +213,7 @@ def bench_config(spec: BenchSpec, arm: str, run_dir: str) -> TrainConfig:
     cfg.model.gradient_checkpointing, cfg.model.checkpoint_fraction = s.gradient_checkpointing, s.checkpoint_fraction
     cfg.model.loss_impl, cfg.model.compile_layers, cfg.model.compile_mode = s.loss_impl, s.compile_layers, s.compile_mode
     cfg.optim.implementation = s.optimizer
+    cfg.model.kernels, cfg.model.fp8 = s.kernels, s.fp8
     cfg.vision.source = "online" if arm == "online_viq" else "codes"
     cfg.data.max_seq_len, cfg.data.micro_batch_packs = spec.capacity, s.micro_batch_packs
     cfg.trainer.grad_accum = s.grad_accum

@@ -2,6 +2,7 @@
 plain PyTorch loop: same losses, same parameters after three steps (tests/mllm/optimizer_worker.py)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -73,3 +74,21 @@ def test_optimizer_implementation_errors():
         configure_optimizer([], cfg.optim, offload, torch.device("cpu"))
     with pytest.raises(ConfigError, match="'model.compile_mode' is 'fast'; valid values: default, reduce-overhead"):
         load_config(None, ["model.compile_mode=fast"])
+    with pytest.raises(ConfigError, match="'model.kernels' is 'apex'; valid values: none, liger"):
+        load_config(None, ["model.kernels=apex"])
+
+
+def test_kernel_options_fail_with_the_key_where_they_cannot_apply():
+    from mllm.kernels import apply_kernel_options
+    from tests.mllm.test_model import make_model
+
+    model = make_model()
+    with pytest.raises(ConfigError, match="ZeRO-3's partitioned parameters"):
+        apply_kernel_options(model, load_config(None, ["model.kernels=liger"]).model, zero_stage=3)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="'model.fp8' needs a GPU with float8 tensor cores"):
+            apply_kernel_options(model, load_config(None, ["model.fp8=true"]).model, zero_stage=1)
+    if importlib.util.find_spec("liger_kernel") is None:
+        with pytest.raises(ConfigError, match="'model.kernels' needs the 'liger_kernel' package"):
+            apply_kernel_options(model, load_config(None, ["model.kernels=liger"]).model, zero_stage=1)
+    assert apply_kernel_options(model, load_config(None).model, zero_stage=3) == []
