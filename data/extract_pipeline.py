@@ -42,7 +42,7 @@ from viq.image import ImageInputError, load_resized, normalize
 _STOP = object()
 
 
-class _DecodeSet(torch.utils.data.Dataset):
+class DecodeSet(torch.utils.data.Dataset):
     """(key, uint8 [3, H, W] or None, error or None) per image: runs in the decode workers."""
 
     def __init__(self, items, policy):
@@ -161,7 +161,7 @@ def extract_pipeline(
     todo = [(k, ref) for k, ref in mine if k not in done]
     cuda = viq_model.device.type == "cuda"
     loader = torch.utils.data.DataLoader(
-        _DecodeSet(todo, viq_model.config.resize_policy), batch_size=batch_images, num_workers=workers,
+        DecodeSet(todo, viq_model.config.resize_policy), batch_size=batch_images, num_workers=workers,
         collate_fn=_as_list, pin_memory=cuda, prefetch_factor=4 if workers else None, persistent_workers=False,
     )
     skipped_path = Path(out_dir) / f"skipped-rank{rank:03d}.jsonl"

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from data.conversations import load_records
-from data.extract_pipeline import _DecodeSet, extract_pipeline
+from data.extract_pipeline import DecodeSet, extract_pipeline
 from mllm.hardware import device_name, sync
 from viq.model import ViQModel
 
@@ -41,7 +41,7 @@ def write_jpegs(root: Path, n: int, size: tuple[int, int] = (480, 640), seed: in
 
 def decode_rate(items, policy, workers: int, batch: int = 16) -> float:
     """Images/s of read + decode + resize through the pipeline's own DataLoader set-up."""
-    loader = torch.utils.data.DataLoader(_DecodeSet(items, policy), batch_size=batch, num_workers=workers,
+    loader = torch.utils.data.DataLoader(DecodeSet(items, policy), batch_size=batch, num_workers=workers,
                                          collate_fn=lambda b: b, prefetch_factor=4 if workers else None)
     t0 = time.perf_counter()
     n = sum(len(b) for b in loader)
