@@ -160,6 +160,8 @@ def extract_pipeline(
     done = done_keys(out_dir)
     todo = [(k, ref) for k, ref in mine if k not in done]
     cuda = viq_model.device.type == "cuda"
+    if cuda:  # events, pinned copies and the loader's pin thread all use the current device: this rank's GPU
+        torch.cuda.set_device(viq_model.device)
     loader = torch.utils.data.DataLoader(
         DecodeSet(todo, viq_model.config.resize_policy), batch_size=batch_images, num_workers=workers,
         collate_fn=_as_list, pin_memory=cuda, prefetch_factor=4 if workers else None, persistent_workers=False,
