@@ -35,3 +35,18 @@ def test_bucketed_mask_free_encode_gives_the_same_codes_in_input_order():
     assert [tuple(c.shape) for c in bucketed] == [tuple(c.shape) for c in reference]
     for got, want in zip(bucketed, reference):
         assert torch.equal(got, want)
+
+
+def test_encode_lever_benchmark_reports_each_lever_against_the_baseline():
+    from mllm.bench.encode import run_encode_levers
+
+    saved = []
+    result = run_encode_levers("viq-tiny", "cpu", n_images=2, repeats=1, levers=["baseline", "bucketed_dense"],
+                               cases=["256px_16x16"], on_result=saved.append)
+    case = result["cases"]["256px_16x16"]
+    assert set(case) == {"baseline", "bucketed_dense"} and len(saved) == 2  # written after every measurement
+    assert 0.0 <= case["baseline"]["quantizer_share"] < 1.0 and case["baseline"]["tokens_per_s"] > 0
+    assert case["bucketed_dense"]["codes_differing"] == 0.0  # same images, same codes: only the batching changed
+    assert case["baseline"]["tokens_per_s"] / case["baseline"]["images_per_s"] == pytest.approx(256)  # 16 x 16 tokens
+    with pytest.raises(ValueError, match="unknown encode lever.*'flex'.*valid on cpu: baseline"):
+        run_encode_levers("viq-tiny", "cpu", levers=["flex"])
