@@ -20,7 +20,9 @@ from data.packing import OVERLONG_POLICIES
 from data.video import VideoSettings
 from mllm.attention import ATTENTION_BACKENDS
 from mllm.lora import LoraSettings
+from mllm.kernels import KERNEL_SETS
 from mllm.loss import LOSS_IMPLEMENTATIONS
+from mllm.optimizers import OPTIMIZER_IMPLEMENTATIONS
 from mllm.vocab_tables import EMBEDDING_INITS
 from viq.config import ConfigError, apply_overrides, from_dict
 from viq.io import atomic_write
@@ -28,6 +30,7 @@ from viq.io import atomic_write
 DTYPES = ("auto", "fp32", "bf16")
 NONFINITE_POLICIES = ("stop", "skip")
 ZERO_STAGES = (0, 1, 2, 3)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -43,6 +46,9 @@ class ModelConfig:
     loss_impl: str = "chunked"  # chunked (recompute logits in backward) | fused (gradients in the forward)
     loss_chunk_size: int = 1024  # rows of logits alive at a time
     compile_layers: bool = False  # torch.compile each decoder layer (GPU: fuses norm / RoPE / SwiGLU)
+    kernels: str = "none"  # none | liger: liger-kernel's RMSNorm and SwiGLU modules (CUDA; mllm/kernels.py)
+    fp8: bool = False  # torchao float8 training of the decoder layers' linears (H100/H200)
+    compile_mode: str = "default"  # with compile_layers: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     lora: LoraSettings = field(default_factory=LoraSettings)  # LoRA on the body, code rows in full (mllm/lora.py)
 
 
@@ -80,6 +86,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     schedule_steps: int = 0  # length of the warmup + cosine schedule; 0: trainer.max_steps
     grad_clip: float = 1.0
+    implementation: str = "config"  # config (the DeepSpeed JSON's optimizer) | torch_foreach | torch_fused | deepspeed_fused (mllm/optimizers.py)
 
 
 @dataclass
@@ -124,6 +131,9 @@ class TrainConfig:
             "trainer.nonfinite": (self.trainer.nonfinite, NONFINITE_POLICIES),
             "model.loss_impl": (self.model.loss_impl, LOSS_IMPLEMENTATIONS),
             "model.attn_implementation": (self.model.attn_implementation, ("auto", *ATTENTION_BACKENDS)),
+            "model.compile_mode": (self.model.compile_mode, COMPILE_MODES),
+            "model.kernels": (self.model.kernels, KERNEL_SETS),
+            "optim.implementation": (self.optim.implementation, OPTIMIZER_IMPLEMENTATIONS),
         }
         for key, (value, valid) in choices.items():
             if value not in valid:

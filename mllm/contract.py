@@ -24,7 +24,7 @@ class TrainableModel(Protocol):
     - `decoder_layer_class`: the block class that activation checkpointing and compilation target;
     - `forward(batch)`: {'loss_sum': fp32 sum of token CE, 'n_supervised': count, optional
       'aux_loss': a mean already, optional 'logs': {name: scalar}};
-    - `gradient_checkpointing_enable(fraction)` / `compile_decoder_layers()`: return how many
+    - `gradient_checkpointing_enable(fraction)` / `compile_decoder_layers(**torch.compile kwargs)`: return how many
       layers (or blocks) they applied to;
     - `unsupported_settings(cfg)`: {config key: why} for settings this model cannot honour.
     """
@@ -42,7 +42,7 @@ class TrainableModel(Protocol):
 
     def gradient_checkpointing_enable(self, fraction: float = 1.0) -> int: ...
 
-    def compile_decoder_layers(self) -> int: ...
+    def compile_decoder_layers(self, **compile_kwargs) -> int: ...
 
     def unsupported_settings(self, cfg) -> dict[str, str]: ...
 

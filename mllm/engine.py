@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from mllm.optimizers import configure_optimizer
 from viq.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -286,6 +287,11 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def compile_options(mode: str) -> dict:
+    """torch.compile keyword arguments of `model.compile_mode` ("default" passes none)."""
+    return {} if mode == "default" else {"mode": mode}
+
+
 def initialize_engine(model, cfg, use_bf16: bool, ds_config: dict | None = None):
     """deepspeed.initialize with our groups and schedule; returns (engine, ds_config, group sizes).
 
@@ -297,8 +303,10 @@ def initialize_engine(model, cfg, use_bf16: bool, ds_config: dict | None = None)
         n = model.gradient_checkpointing_enable(fraction=cfg.model.checkpoint_fraction)
         log.info("activation checkpointing: %d of the %s layers", n, model.decoder_layer_class.__name__)
     if cfg.model.compile_layers:
-        log.info("torch.compile: %d decoder layers", model.compile_decoder_layers())
+        n = model.compile_decoder_layers(**compile_options(cfg.model.compile_mode))
+        log.info("torch.compile (mode %s): %d decoder layers", cfg.model.compile_mode, n)
     groups, group_sizes = build_param_groups(model, cfg)
+    client_optimizer, ds_config = configure_optimizer(groups, cfg.optim, ds_config, next(model.parameters()).device)
     total = cfg.optim.schedule_steps or cfg.trainer.max_steps
 
     def scheduler(optimizer):
@@ -306,5 +314,6 @@ def initialize_engine(model, cfg, use_bf16: bool, ds_config: dict | None = None)
             optimizer, lambda s: warmup_cosine(s, cfg.optim.warmup_steps, total, cfg.optim.min_lr_ratio)
         )
 
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config, lr_scheduler=scheduler)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=None if client_optimizer else groups,
+                                           optimizer=client_optimizer, config=ds_config, lr_scheduler=scheduler)
     return engine, ds_config, group_sizes

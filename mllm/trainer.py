@@ -58,6 +58,7 @@ from mllm.engine import (
 )
 from mllm.export import save_export
 from mllm.hardware import gpu_peak_flops
+from mllm.kernels import apply_kernel_options
 from mllm.lora import apply_lora, check_lora_trainable
 from mllm.model import build_mllm
 from viq import ViQModel
@@ -201,6 +202,8 @@ class Trainer:
                 loss_chunk_size=c.loss_chunk_size, loss_impl=c.loss_impl,
                 gathered=gathered(self.ds_config["zero_optimization"]["stage"]),
             )
+            for replaced in apply_kernel_options(model, c, self.ds_config["zero_optimization"]["stage"]):
+                log.info(f"kernels: {replaced}")
             if self.cfg.optim.code_embedding_lr > 0:  # own tensors for the code rows, so they get their own LR
                 model.split_code_rows()
             if c.lora.enabled:  # adapters on the body, the code rows split out and trained in full

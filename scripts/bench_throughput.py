@@ -55,13 +55,25 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action="store_true", help="torch.compile the decoder layers")
     ap.add_argument("--attn", default="auto", help="auto | sdpa | flex_attention | flash_attention_2")
     ap.add_argument("--zero-stage", type=int, default=1)
+    ap.add_argument("--deepspeed-config", default="", help="DeepSpeed JSON (e.g. configs/deepspeed/zero3_offload.json "
+                    "for 7B on one GPU); default configs/deepspeed/zero<stage>.json")
+    ap.add_argument("--optimizer", default="config",
+                    help="optim.implementation: config (the DeepSpeed JSON's torch AdamW) | torch_foreach | torch_fused | "
+                         "deepspeed_fused")
+    ap.add_argument("--compile-mode", default="default",
+                    help="model.compile_mode with --compile: default | reduce-overhead (CUDA graphs) | max-autotune[-no-cudagraphs]")
     ap.add_argument("--lora-rank", type=int, default=0,
                     help="LoRA of this rank on every linear layer (alpha 2 x rank, code rows trained in full); 0: full training")
     ap.add_argument("--estimate", action="store_true",
                     help="no measurement: peak memory and tokens/s of full training vs LoRA (--lora-rank, 64 if 0) on one "
                          "H200, estimated from first principles (mllm/bench/estimate.py), labelled as such")
     ap.add_argument("--sweep-levers", action="store_true",
-                    help="also time cached codes from a naive step, adding this run's levers one at a time")
+                    help="also time cached codes from a naive step, adding this run's levers one at a time, then "
+                         "the final settings with one more lever each (optimizer implementations, ZeRO 0/1/2, "
+                         "2 micro-batches per optimizer step, CUDA graphs)")
+    ap.add_argument("--sweep-variants", default="",
+                    help="with --sweep-levers: only these one-lever variants of the final settings, by key "
+                         "(optimizer_<impl>, zero<stage>, accum2, liger, fp8, cuda_graphs) or none; default: all that apply")
     ap.add_argument("--out-dir", default=None, help="write bench_throughput.{json,md,png} here")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     return ap.parse_args(argv)
@@ -91,6 +103,34 @@ def lever_steps(final):
         s = replace(s, compile_layers=True)
         out.append(("+ compiled decoder layers", s))
     return out
+
+
+def lever_variants(final, cuda: bool, only: list[str] | None = None):
+    """(label, settings): the final settings with one lever changed each, measured one at a time.
+    `only`: keep these variant keys (optimizer_<impl>, zero<stage>, accum2, cuda_graphs)."""
+    from dataclasses import replace
+
+    out = {}
+    for impl in ("torch_foreach", "torch_fused", *(("deepspeed_fused",) if cuda else ())):
+        if impl != final.optimizer:
+            out[f"optimizer_{impl}"] = (f"final, optimizer {impl}", replace(final, optimizer=impl))
+    for stage in (0, 1, 2):
+        if stage != final.zero_stage:
+            out[f"zero{stage}"] = (f"final, ZeRO stage {stage}", replace(final, zero_stage=stage))
+    if final.grad_accum == 1:
+        out["accum2"] = ("final, 2 micro-batches per optimizer step", replace(final, grad_accum=2))
+    if cuda and final.kernels == "none":
+        out["liger"] = ("final, liger-kernel RMSNorm + SwiGLU", replace(final, kernels="liger"))
+    if cuda and not final.fp8:
+        out["fp8"] = ("final, torchao float8 linears (MFU against the bf16 peak)", replace(final, fp8=True))
+    if cuda and final.compile_layers and final.compile_mode == "default":
+        out["cuda_graphs"] = ("final, CUDA graphs (compile mode reduce-overhead)", replace(final, compile_mode="reduce-overhead"))
+    if only:
+        unknown = [k for k in only if k not in out]
+        if unknown:
+            raise ValueError(f"--sweep-variants: {', '.join(unknown)} not among this run's variants ({', '.join(out)})")
+        return [out[k] for k in only]
+    return list(out.values())
 
 
 def main(argv=None):
@@ -157,6 +197,7 @@ def main(argv=None):
                 gradient_checkpointing=args.gradient_checkpointing,
                 checkpoint_fraction=args.checkpoint_fraction, loss_impl=args.loss_impl, compile_layers=args.compile,
                 attn_implementation=args.attn, zero_stage=args.zero_stage, lora_rank=args.lora_rank,
+                optimizer=args.optimizer, compile_mode=args.compile_mode, deepspeed_config=args.deepspeed_config,
             )
             make = lambda s: spec_for(llm, capacity, viq=pick("viq"), image_size=pick("image_size"), steps=pick("steps"),  # noqa: E731
                                       warmup=pick("warmup"), settings=s, text_tokens=text_tokens)
@@ -165,6 +206,12 @@ def main(argv=None):
             except ValueError as e:
                 sys.exit(f"bench_throughput: error: {e}")
             if args.sweep_levers:
+                try:
+                    variants = lever_variants(settings, torch.cuda.is_available(),
+                                              [v for v in args.sweep_variants.split(",") if v not in ("", "none")])
+                    variants = [] if args.sweep_variants == "none" else variants
+                except ValueError as e:
+                    sys.exit(f"bench_throughput: error: {e}")
                 for label, lever_settings in lever_steps(settings)[:-1]:  # the last one is the comparison's codes arm
                     point = run_comparison(make(lever_settings), ["codes"], log=_log)
                     sweep.append({**point, "lever": label})
@@ -181,6 +228,10 @@ def main(argv=None):
                 sweep.append({**point, "arms": {k: v for k, v in point["arms"].items() if k == "codes"},
                               "errors": {k: v for k, v in point["errors"].items() if k == "codes"},
                               "lever": lever_steps(settings)[-1][0]})
+                emit(final=False)
+                for label, variant in variants:
+                    sweep.append({**run_comparison(make(variant), ["codes"], log=_log), "lever": label})
+                    emit(final=False)
             emit(final=False)
     emit(final=True)
     failed = [f"{p['llm']} {p['capacity']} {arm}" for p in result["points"] for arm in p["errors"]]

@@ -4,9 +4,13 @@
     python scripts/extract_codes.py --tokenizer viq-tiny --data runs/data/synthetic/train.jsonl --out codes/
     python scripts/extract_codes.py --out codes/ --verify            # re-read and check everything
 
-Resumable: rerun the same command after a kill and it continues. Several ranks: run with
---rank r --world-size n (or under torchrun / the deepspeed launcher, which set RANK and
-WORLD_SIZE), then `--merge` once to list every rank's shards in one manifest.
+    deepspeed --num_gpus 8 scripts/extract_codes.py --tokenizer viq-1.3b --data train.jsonl --out codes/ --workers 8
+
+Images are decoded by --workers processes while the encoder runs and shards are written by a
+thread (data/extract_pipeline.py). Resumable: rerun the same command after a kill and it
+continues. Several ranks: under torchrun or the deepspeed launcher each rank takes its share,
+and rank 0 merges every rank's shards into one manifest and verifies them when all are done;
+by hand, --rank r --world-size n per process, then `--merge` once.
 Prints images/s, the compression ratio (raw RGB bytes / code bytes) and a JSON summary.
 Video records are sampled with --video-max-frames / --video-fps / --video-frame-max-pixels
 (the trainer's data.video.*; each setting keeps its own frames in the cache).
@@ -29,9 +33,13 @@ def main() -> int:
     ap.add_argument("--data", help="conversations file: JSON / JSONL / parquet / HF datasets dir")
     ap.add_argument("--out", required=True, help="code cache directory")
     ap.add_argument("--image-root", default=None, help="root of relative image paths (default: the data file's folder)")
-    ap.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)))
-    ap.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
+    ap.add_argument("--rank", type=int, default=None, help="by hand, with --world-size (default: the launcher's)")
+    ap.add_argument("--world-size", type=int, default=None)
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     ap.add_argument("--batch-images", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decode processes (0: in the main process)")
+    ap.add_argument("--bucket", action="store_true", help="batch same-size images together (no attention mask)")
+    ap.add_argument("--shard-bytes", type=int, default=256 << 20, help="bytes per shard (smaller: finer-grained resume)")
     ap.add_argument("--device", default=None, help="default: cuda when available")
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
     ap.add_argument("--on-error", default="skip", choices=["skip", "fail"], help="undecodable images: skip (counted, listed) or stop")
@@ -41,7 +49,7 @@ def main() -> int:
     ap.add_argument("--verify", action="store_true", help="re-read every shard and record, report problems")
     ap.add_argument("--merge", action="store_true", help="only build the manifest from all ranks' shards")
     args = ap.parse_args()
-    setup_logging(args.rank, stream=sys.stderr)  # stdout carries the results
+    setup_logging(int(os.environ.get("RANK", args.rank or 0)), stream=sys.stderr)  # stdout carries the results
 
     from data.shards import merge_manifests, verify
     from data.video_codes import incomplete_video_errors
@@ -59,19 +67,28 @@ def main() -> int:
     if not args.tokenizer or not args.data:
         ap.error("--tokenizer and --data are required unless --verify or --merge is given")
 
-    from data.extract import extract_file
+    from data.conversations import load_records
+    from data.extract_pipeline import extract_pipeline
     from data.video import VideoSettings
     from viq import ViQModel
     from viq.dtypes import default_device, parse_dtype
 
+    if (args.rank is None) != (args.world_size is None):
+        ap.error("--rank and --world-size go together")
     video = VideoSettings(args.video_max_frames, args.video_fps, args.video_frame_max_pixels).validate("--video")
     device = args.device or default_device()
+    if device == "cuda":  # one GPU per rank under a launcher
+        device = f"cuda:{os.environ.get('LOCAL_RANK', args.local_rank or 0)}"
     model = ViQModel.from_pretrained(args.tokenizer, device=device, dtype=parse_dtype(args.dtype, device))
-    summary = extract_file(
-        model, args.tokenizer, args.data, args.out, image_root=args.image_root, rank=args.rank,
-        world_size=args.world_size, batch_images=args.batch_images, on_error=args.on_error,
-        video=video,
+    image_root = args.image_root or str(Path(args.data).parent)
+    summary = extract_pipeline(
+        model, args.tokenizer, load_records(args.data, image_root), args.out, key_root=image_root,
+        workers=args.workers, batch_images=args.batch_images, bucket=args.bucket, on_error=args.on_error,
+        shard_bytes=args.shard_bytes, rank=args.rank, world_size=args.world_size, video=video,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
     )
+    if summary["rank"] != 0 and summary.get("merged"):
+        return 0  # rank 0 reports the whole run
     print(f"{summary['images_encoded']} images encoded at {summary['images_per_s']:.1f} images/s; "
           f"compression ratio {summary['compression_ratio'] or 0:.0f}x; {summary['images_skipped']} skipped; "
           f"{summary['videos_encoded']} videos ({summary['video_frames_encoded']} frames), {summary['videos_skipped']} skipped")

@@ -185,14 +185,26 @@ def token_grid(height: int, width: int, policy: ResizePolicy, label: str = "imag
 
 def preprocess(x: Any, policy: ResizePolicy, name: str | None = None) -> torch.Tensor:
     """Any image input -> normalised float tensor [3, H, W] with H, W multiples of policy.factor."""
+    return normalize(load_resized(x, policy, name), policy)
+
+
+def load_resized(x: Any, policy: ResizePolicy, name: str | None = None) -> torch.Tensor:
+    """Any image input -> uint8 tensor [3, H, W] resized by the policy (the CPU part of preprocess:
+    decode workers hand this over, a quarter of the float tensor's bytes)."""
     label = describe(x, name)
     img = load_image(x, name=label)
     h, w = target_size(img.size[1], img.size[0], policy, label)
     if (img.size[1], img.size[0]) != (h, w):
         img = img.resize((w, h), Image.BICUBIC)
-    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
-    mean = torch.tensor(policy.mean).view(3, 1, 1)
-    std = torch.tensor(policy.std).view(3, 1, 1)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def normalize(pixels: torch.Tensor, policy: ResizePolicy) -> torch.Tensor:
+    """uint8 [3, H, W] -> the ViT's normalised fp32 input, on the tensor's device. Each step is
+    one correctly rounded fp32 operation, so CPU and GPU give the same values."""
+    arr = pixels.float() / 255.0
+    mean = torch.tensor(policy.mean, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(policy.std, device=pixels.device).view(3, 1, 1)
     return (arr - mean) / std
 
 

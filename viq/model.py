@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ConfigError, from_dict, read_json_config
+from .encode_batching import plan_batches
 from .errors import CheckpointError
 from .fsq import codebook_stats
 from .image import IMAGE_MEAN, IMAGE_STD, ResizePolicy, describe, preprocess, token_grid
@@ -264,22 +265,16 @@ class ViQModel(nn.Module):
         }
 
     @torch.no_grad()
-    def encode_pixels(self, pixel_list: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Preprocessed images -> list of int64 [h, w, 4] codes, batched by a token budget."""
-        out: list[torch.Tensor] = []
-        budget = self.config.max_tokens_per_batch
+    def encode_pixels(self, pixel_list: list[torch.Tensor], bucket: bool = False) -> list[torch.Tensor]:
+        """Preprocessed images -> list of int64 [h, w, 4] codes (input order), batched by a token
+        budget; `bucket`: same-size images batched together (viq/encode_batching.py)."""
+        out: list[torch.Tensor | None] = [None] * len(pixel_list)
         p2 = self.config.patch_size**2
-        batch, size = [], 0
-        for pixels in list(pixel_list) + [None]:
-            n = 0 if pixels is None else pixels.shape[1] * pixels.shape[2] // p2
-            if batch and (pixels is None or size + n > budget):
-                res = self.forward(batch)
-                for (h, w), idx in zip(res["grids"], res["indices"].split([h * w for h, w in res["grids"]])):
-                    out.append(idx.reshape(h, w, 4).cpu())
-                batch, size = [], 0
-            if pixels is not None:
-                batch.append(pixels)
-                size += n
+        counts = [p.shape[1] * p.shape[2] // p2 for p in pixel_list]
+        for batch in plan_batches(counts, self.config.max_tokens_per_batch, bucket):
+            res = self.forward([pixel_list[i] for i in batch])
+            for i, (h, w), idx in zip(batch, res["grids"], res["indices"].split([h * w for h, w in res["grids"]])):
+                out[i] = idx.reshape(h, w, 4).cpu()
         return out
 
     def encode(self, images: list[Any], names: list[str] | None = None) -> list[torch.Tensor]:

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import varlen_attention
+from .encode_batching import uniform_attention
 from .rope import apply_rope, rope_2d_angles
 
 QK_NORM_EPS = 1e-6  # InternViT's QK-norm uses its RMSNorm's default, whatever the layers' eps
@@ -61,6 +62,7 @@ class Segments:
     cls_index: torch.Tensor | None = None
     cu_patches: torch.Tensor | None = None
     cu_cls: torch.Tensor | None = None
+    uniform_length: int = 0  # > 0: every segment has this many tokens (a size-bucketed batch)
 
 
 class VisionAttention(nn.Module):
@@ -71,6 +73,7 @@ class VisionAttention(nn.Module):
         self.heads = heads
         self.head_dim = width // heads
         self.backend = backend
+        self.uniform_dense = False  # equal segments: one batched SDPA call without a mask (viq/encode_batching.py)
         self.qkv = nn.Linear(width, 3 * width, bias=qkv_bias)
         self.proj = nn.Linear(width, width)
         if qk_norm:
@@ -85,7 +88,9 @@ class VisionAttention(nn.Module):
         q, k, v = (rearrange(t, "t (h d) -> t h d", h=self.heads) for t in (q, k, v))
         if angles is not None:
             q, k = apply_rope(q, angles), apply_rope(k, angles)
-        if segments.cls_index is None:
+        if segments.cls_index is None and self.uniform_dense and segments.uniform_length:
+            out = uniform_attention(q, k, v, segments.uniform_length)
+        elif segments.cls_index is None:
             out = varlen_attention(q, k, v, segments.cu, backend=self.backend)
         else:  # readout class token: patches attend among themselves; each class token reads its whole image
             p, c = segments.patch_index, segments.cls_index
@@ -190,7 +195,7 @@ class AnyResViT(nn.Module):
             angles = angles * is_patch[:, None]  # class tokens: no rotation
         cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
         cu[1:] = torch.cumsum(torch.tensor(lengths, device=device), 0)
-        segments = Segments(cu)
+        segments = Segments(cu, uniform_length=lengths[0] if len(set(lengths)) == 1 else 0)
         if cfg.class_token == "readout":
             segments = Segments(cu, patch_index=is_patch.nonzero()[:, 0], cls_index=cu[:-1].long(),
                                 cu_patches=cu - torch.arange(len(lengths) + 1, dtype=torch.int32, device=device),

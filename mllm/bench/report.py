@@ -88,3 +88,15 @@ def plot_comparison(points: list[dict], path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def print_and_save(result: dict, out: str | None) -> None:
+    """A benchmark's JSON on stdout, and in `out` (atomically) when given."""
+    import json
+
+    from viq.io import atomic_write
+
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        atomic_write(out, text + "\n")

@@ -56,6 +56,11 @@ class StepSettings:
     compile_layers: bool = False
     attn_implementation: str = "auto"
     zero_stage: int = 1
+    optimizer: str = "config"  # optim.implementation: config | torch_foreach | torch_fused | deepspeed_fused
+    compile_mode: str = "default"  # model.compile_mode with compile_layers (reduce-overhead: CUDA graphs)
+    kernels: str = "none"  # model.kernels: liger (CUDA)
+    fp8: bool = False  # model.fp8: torchao float8 linears (Hopper)
+    deepspeed_config: str = ""  # a DeepSpeed JSON instead of configs/deepspeed/zero<stage>.json (offload for 7B)
     lora_rank: int = 0  # > 0: LoRA of this rank on every linear layer, code rows in full (mllm/lora.py); 0: full training
 
 
@@ -111,8 +116,8 @@ class ContinuousArm(nn.Module):
         self.encoder.gradient_checkpointing_enable()
         return self.mllm.gradient_checkpointing_enable(fraction=fraction)
 
-    def compile_decoder_layers(self) -> int:
-        return self.mllm.compile_decoder_layers()
+    def compile_decoder_layers(self, **compile_kwargs) -> int:
+        return self.mllm.compile_decoder_layers(**compile_kwargs)
 
     def unsupported_settings(self, cfg) -> dict[str, str]:
         return {}
@@ -206,7 +211,9 @@ def bench_config(spec: BenchSpec, arm: str, run_dir: str) -> TrainConfig:
     cfg.model.llm, cfg.model.viq = spec.llm, spec.viq
     cfg.model.attn_implementation = s.attn_implementation
     cfg.model.gradient_checkpointing, cfg.model.checkpoint_fraction = s.gradient_checkpointing, s.checkpoint_fraction
-    cfg.model.loss_impl, cfg.model.compile_layers = s.loss_impl, s.compile_layers
+    cfg.model.loss_impl, cfg.model.compile_layers, cfg.model.compile_mode = s.loss_impl, s.compile_layers, s.compile_mode
+    cfg.optim.implementation = s.optimizer
+    cfg.model.kernels, cfg.model.fp8 = s.kernels, s.fp8
     cfg.vision.source = "online" if arm == "online_viq" else "codes"
     cfg.data.max_seq_len, cfg.data.micro_batch_packs = spec.capacity, s.micro_batch_packs
     cfg.trainer.grad_accum = s.grad_accum
@@ -214,7 +221,7 @@ def bench_config(spec: BenchSpec, arm: str, run_dir: str) -> TrainConfig:
         cfg.model.lora.enabled, cfg.model.lora.rank, cfg.model.lora.alpha = True, s.lora_rank, 2.0 * s.lora_rank
     cfg.optim.warmup_steps, cfg.optim.lr = 1, 1e-5
     t = cfg.trainer
-    t.runs_dir, t.run_name, t.zero_stage = run_dir, arm, s.zero_stage
+    t.runs_dir, t.run_name, t.zero_stage, t.deepspeed_config = run_dir, arm, s.zero_stage, s.deepspeed_config
     t.max_steps, t.tensorboard, t.progress, t.export = spec.steps + spec.warmup, False, False, False
     return cfg.validate()
 
@@ -235,17 +242,13 @@ def measure_arm(spec: BenchSpec, arm: str, run_dir: str) -> dict:
                 trainer.engine(trainer.prepare_batch(batches[i % 2]))
             sync(device)
         forward_s = (time.perf_counter() - t0) / spec.steps
-        step_metrics, k = [], spec.settings.grad_accum
-        for i in range(spec.warmup + spec.steps):
-            micro = [batches[(i * k + j) % 2] for j in range(k)]
-            m = trainer.train_step(micro)
-            if i >= spec.warmup:
-                step_metrics.append(m)
+        step_metrics = timed_train_steps(trainer, spec)
         step_s = sum(m["seconds"] for m in step_metrics) / spec.steps
         mean = lambda key: sum(m[key] for m in step_metrics) / spec.steps  # noqa: E731 - all ranks, per step
         tokens, samples, llm_flops, vision_flops = mean("tokens"), mean("samples"), mean("flops"), mean("vision_flops")
         entry = {
             "forward_ms": forward_s * 1e3, "step_ms": step_s * 1e3,
+            "step_ms_each": [round(m["seconds"] * 1e3, 2) for m in step_metrics],  # a slow first step shows here
             "tokens_per_s": tokens / step_s, "samples_per_s": samples / step_s,
             "loss": step_metrics[-1]["loss_sum"] / max(step_metrics[-1]["n_supervised"], 1),
             "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
@@ -265,6 +268,27 @@ def measure_arm(spec: BenchSpec, arm: str, run_dir: str) -> dict:
         return {"entry": entry, "shape": shape}
     finally:
         _release(trainer)
+
+
+def timed_train_steps(trainer, spec: BenchSpec, profiler=None) -> list[dict]:
+    """The benchmark's training steps: warm-up, then `spec.steps` timed optimizer steps, each of
+    `grad_accum` micro-batches alternating between the two synthetic batches. With `profiler`
+    (a started torch.profiler), the last timed step runs under it (scripts/profile_step.py
+    profiles exactly this step) and its device time is synchronised before the profile stops."""
+    batches, k = trainer.bench_batches, spec.settings.grad_accum
+    step_metrics = []
+    for i in range(spec.warmup + spec.steps):
+        micro = [batches[(i * k + j) % 2] for j in range(k)]
+        last = i == spec.warmup + spec.steps - 1
+        if profiler is not None and last:
+            with profiler:
+                m = trainer.train_step(micro)
+                sync(trainer.device)
+        else:
+            m = trainer.train_step(micro)
+        if i >= spec.warmup:
+            step_metrics.append(m)
+    return step_metrics
 
 
 def _release(trainer) -> None:

@@ -60,8 +60,8 @@ class ViQTrainModel(nn.Module):
         self.viq.vit.gradient_checkpointing = True
         return len(self.viq.vit.blocks) + self.mllm.gradient_checkpointing_enable(fraction=fraction)
 
-    def compile_decoder_layers(self) -> int:
-        return self.mllm.compile_decoder_layers()
+    def compile_decoder_layers(self, **compile_kwargs) -> int:
+        return self.mllm.compile_decoder_layers(**compile_kwargs)
 
     def unsupported_settings(self, cfg) -> dict[str, str]:
         why = "tokenizer training sets what trains with viq_train.train_vit / train_quantizer / train_llm"

@@ -22,7 +22,8 @@ def run_bench(*args, timeout=600):
 
 def test_tiny_mode_reports_every_arm_and_the_lever_sweep(tmp_path):
     proc = run_bench("--mode", "tiny", "--steps", "1", "--warmup", "1", "--micro-batch-tokens", "2048",
-                     "--loss-impl", "fused", "--sweep-levers", "--out-dir", str(tmp_path))
+                     "--loss-impl", "fused", "--sweep-levers", "--sweep-variants", "optimizer_torch_fused,zero0",
+                     "--out-dir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "bench_throughput.json").read_text())
     assert result == json.loads(proc.stdout) and result["device"] == "cpu"
@@ -51,8 +52,13 @@ def test_tiny_mode_reports_every_arm_and_the_lever_sweep(tmp_path):
     assert trainable["internvit-tiny_trainable"] > trainable["internvit-tiny_frozen"] > trainable["codes"]  # + projector
     labels = [p["lever"] for p in result["lever_sweep"]]
     assert labels == ["naive: 1 pack, full checkpointing, chunked CE, eager", "+ 2 packs per micro-batch",
-                      "+ no checkpointing", "+ fused linear cross-entropy"]
-    assert result["lever_sweep"][-1]["arms"]["codes"] == point["arms"]["codes"]
+                      "+ no checkpointing", "+ fused linear cross-entropy", "final, optimizer torch_fused",
+                      "final, ZeRO stage 0"]
+    assert result["lever_sweep"][3]["arms"]["codes"] == point["arms"]["codes"]
+    for variant, key, value in ((-2, "optimizer", "torch_fused"), (-1, "zero_stage", 0)):  # one lever each, measured
+        sweep_point = result["lever_sweep"][variant]
+        assert sweep_point["settings"] == {**point["settings"], key: value} and sweep_point["arms"]["codes"]["step_ms"] > 0
+        assert len(sweep_point["arms"]["codes"]["step_ms_each"]) == 1
     md = (tmp_path / "bench_throughput.md").read_text()
     assert "| TINY 1k | siglip-tiny_trainable |" in md and "+ fused linear cross-entropy" in md
     assert (tmp_path / "bench_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -60,7 +66,7 @@ def test_tiny_mode_reports_every_arm_and_the_lever_sweep(tmp_path):
 
 def test_gradient_accumulation_times_whole_optimizer_steps(tmp_path):
     proc = run_bench("--mode", "tiny", "--arms", "codes", "--grad-accum", "2", "--steps", "1", "--warmup", "1",
-                     "--sweep-levers", "--out-dir", str(tmp_path))
+                     "--sweep-levers", "--sweep-variants", "none", "--out-dir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "bench_throughput.json").read_text())
     (point,) = result["points"]
@@ -158,10 +164,11 @@ def test_bench_under_the_deepspeed_launcher_counts_every_rank(tmp_path):
 
 
 def test_profile_step_prints_the_phase_split():
-    proc = subprocess.run([sys.executable, "scripts/profile_step.py", "--warmup", "1", "--rows", "3", "--image-size", "112"],
+    proc = subprocess.run([sys.executable, "scripts/profile_step.py", "--warmup", "1", "--steps", "1", "--rows", "3",
+                           "--image-size", "112", "--optimizer", "torch_fused"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for phase in ("forward", "backward", "optimizer step", "train_step"):
+    for phase in ("benchmark steps", "forward", "backward", "optimizer step", "train_step", "profiled step"):
         assert f"  {phase}" in proc.stdout
     assert "tiny at 1024 x 1 packs" in proc.stdout and "Self CPU time total" in proc.stdout
     bad = subprocess.run([sys.executable, "scripts/profile_step.py", "--llm", "nope"], cwd=REPO, capture_output=True,
