@@ -12,6 +12,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
@@ -23,10 +24,10 @@ from mllm.loss import LOSS_IMPLEMENTATIONS
 from mllm.vocab_tables import EMBEDDING_INITS
 from viq.config import ConfigError, apply_overrides, from_dict
 from viq.io import atomic_write
+from viq.ranges import at_least, between, positive, range_errors
 
 DTYPES = ("auto", "fp32", "bf16")
 NONFINITE_POLICIES = ("stop", "skip")
-ZERO_STAGES = (0, 1, 2, 3)
 
 
 @dataclass
@@ -43,6 +44,9 @@ class ModelConfig:
     loss_chunk_size: int = 1024  # rows of logits alive at a time
     compile_layers: bool = False  # torch.compile each decoder layer (GPU: fuses norm / RoPE / SwiGLU)
     lora: LoraSettings = field(default_factory=LoraSettings)  # LoRA on the body, code rows in full (mllm/lora.py)
+
+    RANGES: ClassVar[dict] = {"vocab_init_noise": at_least(0), "checkpoint_fraction": between(0, 1),
+                              "loss_chunk_size": at_least(1)}
 
 
 @dataclass
@@ -65,6 +69,9 @@ class DataConfig:
     pad_to_capacity: bool = False  # pad each row to max_seq_len (static shapes on GPU)
     system_prompt: str = ""  # empty: Qwen2.5's default system prompt
 
+    RANGES: ClassVar[dict] = {"synthetic_n": at_least(1), "max_seq_len": at_least(1), "buffer_size": at_least(1),
+                              "micro_batch_packs": at_least(1)}
+
 
 @dataclass
 class OptimConfig:
@@ -76,7 +83,11 @@ class OptimConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     schedule_steps: int = 0  # length of the warmup + cosine schedule; 0: trainer.max_steps
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0: no clipping
+
+    RANGES: ClassVar[dict] = {"lr": positive(), "code_embedding_lr": at_least(0), "weight_decay": at_least(0),
+                              "betas": between(0, 1, high_open=True), "eps": positive(), "warmup_steps": at_least(0),
+                              "min_lr_ratio": between(0, 1), "schedule_steps": at_least(0), "grad_clip": at_least(0)}
 
 
 @dataclass
@@ -102,6 +113,10 @@ class TrainerConfig:
     progress: bool = True
     export: bool = True  # write runs/<name>/hf/ at the end
 
+    RANGES: ClassVar[dict] = {"max_steps": at_least(1), "grad_accum": at_least(1), "zero_stage": between(0, 3),  # ZeRO stage 0-3
+                              "log_every": at_least(1), "save_every": at_least(0), "keep_checkpoints": at_least(1),
+                              "seed": between(0, 2**32 - 1)}
+
 
 @dataclass
 class TrainConfig:
@@ -122,26 +137,13 @@ class TrainConfig:
             "model.loss_impl": (self.model.loss_impl, LOSS_IMPLEMENTATIONS),
             "model.attn_implementation": (self.model.attn_implementation, ("auto", *ATTENTION_BACKENDS)),
         }
-        for key, (value, valid) in choices.items():
-            if value not in valid:
-                raise ConfigError(f"config key '{key}' is '{value}'; valid values: {', '.join(valid)}")
-        if self.trainer.zero_stage not in ZERO_STAGES:
-            raise ConfigError(f"config key 'trainer.zero_stage' is {self.trainer.zero_stage}; "
-                              f"valid values: {', '.join(map(str, ZERO_STAGES))}")
-        if not 0.0 <= self.model.checkpoint_fraction <= 1.0:
-            raise ConfigError(f"config key 'model.checkpoint_fraction' must be in [0, 1], got {self.model.checkpoint_fraction}")
+        # Every wrong value at once, one line each: choices, then numbers against their declared ranges.
+        errors = [f"config key '{key}' is '{value}'; valid values: {', '.join(valid)}"
+                  for key, (value, valid) in choices.items() if value not in valid]
+        errors += range_errors(self)
+        if errors:
+            raise ConfigError("\n".join(errors))
         self.model.lora.validate(self)
-        positive = {
-            "data.max_seq_len": self.data.max_seq_len,
-            "data.buffer_size": self.data.buffer_size,
-            "data.micro_batch_packs": self.data.micro_batch_packs,
-            "trainer.max_steps": self.trainer.max_steps,
-            "trainer.grad_accum": self.trainer.grad_accum,
-            "optim.lr": self.optim.lr,
-        }
-        for key, value in positive.items():
-            if value <= 0:
-                raise ConfigError(f"config key '{key}' must be positive, got {value}")
         return self
 
     def to_dict(self) -> dict:
