@@ -56,6 +56,7 @@ from mllm.engine import (
     model_state_bytes,
 )
 from mllm.export import save_export
+from mllm.faults import EXIT_STOPPED, GracefulStop, RunDirectoryBusy, RunLock, check_free_space
 from mllm.hardware import gpu_peak_flops
 from mllm.lora import apply_lora, check_lora_trainable
 from mllm.model import build_mllm
@@ -78,6 +79,12 @@ class Trainer:
         self.is_main = self.rank == 0
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.run_lock = self._lock_run_dir()
+        # Verified before anything is built: a damaged --resume PATH fails in seconds, and --resume
+        # auto picks the newest intact checkpoint (a warning for each damaged one it skips).
+        self.resumed_from = ckpt.find_resume(self.ckpt_dir, resume)
+        self.stopped_by: str | None = None
+        self.graceful_stop: GracefulStop | None = None  # installed by train()
         _seed_everything(cfg.trainer.seed)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +106,9 @@ class Trainer:
         self.totals = {"tokens": 0, "samples": 0, "skipped_steps": 0}
         self.peak_flops = gpu_peak_flops(self.device)
         self.flops_per_token = self._dense_flops_per_token()
-        self.resumed_from = ckpt.find_resume(self.ckpt_dir, resume)
+        self.checkpoint_bytes = self._checkpoint_bytes()
+        if self.is_main:
+            check_free_space(self.ckpt_dir, self.checkpoint_bytes)
         if self.resumed_from is not None:
             self._resume(self.resumed_from)
 
@@ -308,23 +317,26 @@ class Trainer:
         # Efficiency against the full capacity of every pack, whether or not rows were padded to it.
         pack_capacity = self.cfg.data.max_seq_len * self.cfg.data.micro_batch_packs
         log_keys = sorted(logs)
+        # The stop request rides on the step's one all-reduce: a signal seen by any rank stops all.
+        stop = self.graceful_stop is not None and self.graceful_stop.requested()
         host = torch.tensor([
             sum(int(b["n_real_tokens"]) for b in micro_batches), pack_capacity * len(micro_batches),
             sum(int(b["n_samples"]) for b in micro_batches), sum(_sum_sq_lengths(b) for b in micro_batches),
+            float(stop),
         ], dtype=torch.float64)
         device_values = torch.stack([loss_total] + [
             torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in logs[k]]).mean()
             for k in log_keys
         ])
         totals = all_reduce_vector(torch.cat([host.to(self.device), device_values])).tolist()  # the step's one read
-        tokens, capacity, samples, sq, loss_global = totals[:5]
+        tokens, capacity, samples, sq, stops, loss_global = totals[:6]
         seconds = time.perf_counter() - t0
         flops = self.flops_per_token * tokens + self.attn_flops_coeff * sq + self.head_flops_per_token * n_global
         return {
             "loss_sum": loss_global, "n_supervised": n_global, "tokens": tokens, "capacity": capacity,
             "samples": samples, "seconds": seconds, "flops": flops, "skipped_micro_batches": skipped,
             "sample_indices": [i for b in micro_batches for i in b.get("sample_indices", [])],
-            "logs": {k: v / self.world for k, v in zip(log_keys, totals[5:])},
+            "logs": {k: v / self.world for k, v in zip(log_keys, totals[6:])}, "stop_requested": stops > 0,
             **self.extra_metrics(micro_batches),
         }
 
@@ -337,6 +349,7 @@ class Trainer:
         interval: list[dict] = []
         last = {}
         metrics_path = self.run_dir / "metrics.jsonl"
+        self.graceful_stop = GracefulStop().install()
         while self.step < t.max_steps:
             self.before_step()
             micro = [next(self.batches) for _ in range(t.grad_accum)]
@@ -352,16 +365,21 @@ class Trainer:
                 progress.update(1)
                 if m["n_supervised"]:
                     progress.set_postfix(loss=f"{m['loss_sum'] / m['n_supervised']:.4f}")
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
+            stop = m["stop_requested"]
+            if self.step % t.log_every == 0 or self.step == t.max_steps or (stop and interval):
                 last = self._log(interval, metrics_path, writer)
                 interval = []
+            if stop:  # every rank agreed in train_step: save this step and leave
+                self.stopped_by = self.graceful_stop.reason or "a signal to another rank"
+                break
             if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
                 self.save()
         if progress is not None:
             progress.close()
         self.save()
-        if t.export:
+        if t.export and self.stopped_by is None:
             self.export()
+        self.graceful_stop.uninstall()
         if writer is not None:
             writer.close()
         return last
@@ -460,9 +478,33 @@ class Trainer:
 
     def save(self) -> Path:
         tag_dir = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.step, self.loop_state(), rank=self.rank,
-                                       keep=self.cfg.trainer.keep_checkpoints, barrier=self.barrier)
+                                       keep=self.cfg.trainer.keep_checkpoints, barrier=self.barrier,
+                                       needed_bytes=self.checkpoint_bytes)
         log.info(f"saved checkpoint {tag_dir}")
         return tag_dir
+
+    def _lock_run_dir(self) -> RunLock | None:
+        """Rank 0 locks the run directory; every rank learns whether another run holds it."""
+        lock, refusal = None, None
+        if self.is_main:
+            lock = RunLock(self.run_dir)
+            try:
+                lock.acquire()
+            except RunDirectoryBusy as e:
+                refusal = str(e)
+        refusals = [r for r in ckpt.gather_objects(refusal) if r]
+        if refusals:
+            raise RunDirectoryBusy(refusals[0])
+        return lock
+
+    def _checkpoint_bytes(self) -> int:
+        """About what one checkpoint takes on disk, all ranks together: the 16-bit or fp32 weights
+        DeepSpeed writes plus the fp32 master weights and Adam's two moments."""
+        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        master = sum(full_numel(p) * 4 for g in inner.param_groups for p in g["params"] if p.numel())
+        weights = model_state_bytes(self.engine)["parameters"]
+        mine = 3 * master + (weights if self.is_main or self.ds_config["zero_optimization"]["stage"] == 3 else 0)
+        return int(all_reduce_sum(mine, self.device))
 
     def _resume(self, tag_dir: Path) -> None:
         state = ckpt.load_checkpoint(self.engine, tag_dir)
@@ -528,6 +570,13 @@ def run_training(cfg: TrainConfig, resume: str | None = None, trainer_class=None
     def body() -> int:
         trainer = (trainer_class or Trainer)(cfg, resume=resume)
         last = trainer.train()
+        if trainer.run_lock is not None:
+            trainer.run_lock.release()
+        if trainer.stopped_by is not None:
+            if trainer.is_main:
+                print(f"[train] stopped at step {trainer.step} ({trainer.stopped_by}); checkpoint saved; continue with "
+                      f"--resume auto (exit status {EXIT_STOPPED})", flush=True)
+            return EXIT_STOPPED
         if trainer.is_main:
             loss = last.get("loss", float("nan"))
             print(f"[train] done: step {trainer.step}, loss {loss:.4f}; run directory {trainer.run_dir}", flush=True)
