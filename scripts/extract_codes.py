@@ -4,7 +4,8 @@
     python scripts/extract_codes.py --tokenizer viq-tiny --data runs/data/synthetic/train.jsonl --out codes/
     python scripts/extract_codes.py --out codes/ --verify            # re-read and check everything
 
-Resumable: rerun the same command after a kill and it continues. Several ranks: run with
+Resumable: rerun the same command after a kill and it continues from the last commit
+(every --commit-seconds), producing the same bytes as an uninterrupted run. Several ranks: run with
 --rank r --world-size n (or under torchrun / the deepspeed launcher, which set RANK and
 WORLD_SIZE), then `--merge` once to list every rank's shards in one manifest.
 Prints images/s, the compression ratio (raw RGB bytes / code bytes) and a JSON summary.
@@ -33,6 +34,8 @@ def main() -> int:
     ap.add_argument("--device", default=None, help="default: cuda when available")
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
     ap.add_argument("--on-error", default="skip", choices=["skip", "fail"], help="undecodable images: skip (counted, listed) or stop")
+    ap.add_argument("--commit-seconds", type=float, default=30.0,
+                    help="commit progress inside the open shard this often: a kill loses at most this much work")
     ap.add_argument("--verify", action="store_true", help="re-read every shard and record, report problems")
     ap.add_argument("--merge", action="store_true", help="only build the manifest from all ranks' shards")
     args = ap.parse_args()
@@ -60,6 +63,7 @@ def main() -> int:
     summary = extract_file(
         model, args.tokenizer, args.data, args.out, image_root=args.image_root, rank=args.rank,
         world_size=args.world_size, batch_images=args.batch_images, on_error=args.on_error,
+        commit_seconds=args.commit_seconds,
     )
     print(f"{summary['images_encoded']} images encoded at {summary['images_per_s']:.1f} images/s; "
           f"compression ratio {summary['compression_ratio'] or 0:.0f}x; {summary['images_skipped']} skipped")
