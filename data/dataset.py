@@ -21,7 +21,7 @@ from PIL import Image
 
 from data.chat import build_sample
 from data.conversations import ConversationRecord
-from data.vocab import SUBCODES, CodeVocab
+from data.vocab import IGNORE_INDEX, SUBCODES, CodeVocab
 from viq.errors import ConfigError
 from viq.image import ImageInputError, ResizePolicy, preprocess, token_grid
 
@@ -88,12 +88,14 @@ class ConversationDataset:
         self.grids: list[list[tuple[int, int]]] = []
         self.skipped: dict[str, int] = {}
         self.skipped_examples: list[str] = []
-        lengths = []
+        lengths, first = [], []
         for record in records:
             keys = [image_key(ref, record.id, k, image_root) for k, ref in enumerate(record.images)]
             try:
                 grids = [self._grid(ref, key) for ref, key in zip(record.images, keys)]
-                n = int(build_sample(tokenizer, vocab, record.conversations, grids, system=system)["input_ids"].numel())
+                sample = build_sample(tokenizer, vocab, record.conversations, grids, system=system)
+                n = int(sample["input_ids"].numel())
+                supervised = torch.nonzero(sample["labels"] != IGNORE_INDEX)
             except (KeyError, ImageInputError, ValueError) as e:
                 reason = type(e).__name__ if not isinstance(e, KeyError) else "codes missing from the cache"
                 self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -104,7 +106,9 @@ class ConversationDataset:
             self.keys.append(keys)
             self.grids.append(grids)
             lengths.append(n)
+            first.append(int(supervised[0]) if len(supervised) else n)
         self._lengths = np.asarray(lengths, dtype=np.int64)
+        self._first_supervised = np.asarray(first, dtype=np.int64)
 
     def _grid(self, ref, key: str) -> tuple[int, int]:
         if self.source == "codes":
@@ -123,6 +127,10 @@ class ConversationDataset:
 
     def length(self, index: int) -> int:
         return int(self._lengths[index])
+
+    def first_supervised(self, index: int) -> int:
+        """Position of the sample's first supervised token (its length when it has none)."""
+        return int(self._first_supervised[index])
 
     def __getitem__(self, index: int) -> dict:
         record, grids = self.records[index], self.grids[index]

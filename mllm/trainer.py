@@ -147,7 +147,8 @@ class Trainer:
                 f"data: {len(self.dataset)} samples, {self.loader.steps_per_epoch // cfg.trainer.grad_accum} steps per epoch "
                 f"({self.capacity} tokens x {d.micro_batch_packs} packs x {cfg.trainer.grad_accum} accumulation x "
                 f"{self.world} ranks), packing efficiency {plan.efficiency:.3f}; longer than {self.capacity} tokens: "
-                f"{plan.n_truncated} truncated, {plan.n_dropped} dropped (data.overlong={d.overlong})"
+                f"{plan.n_truncated} truncated, {plan.n_dropped} dropped (data.overlong={d.overlong}), "
+                f"{plan.n_unsupervised} dropped because the cut left no supervised token"
             )
 
     def data_settings(self) -> tuple:
@@ -281,13 +282,18 @@ class Trainer:
         t0 = time.perf_counter()
         local_sup = sum(int(b["n_supervised"]) for b in micro_batches)
         n_global = all_reduce_sum(local_sup, self.device)
+        # No supervised token on any rank (every rank agrees): nothing to learn, and 0/0 would log
+        # NaN; the step runs no forward, updates nothing and is counted.
+        empty = n_global == 0
+        if empty:
+            self.totals["empty_steps"] = self.totals.get("empty_steps", 0) + 1
         scale = self.world / max(n_global, 1.0)  # DeepSpeed averages gradients over ranks
         check_before_backward = self.cfg.trainer.nonfinite == "skip"
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
         skipped = 0
         self.engine.train()
         logs: dict[str, list] = {}
-        for j, batch in enumerate(micro_batches):
+        for j, batch in enumerate([] if empty else micro_batches):
             out = self.engine(self.prepare_batch(batch))
             loss_sum = out["loss_sum"]
             # Auxiliary losses arrive as means: averaged over micro-batches here, over ranks by DeepSpeed.
@@ -312,7 +318,7 @@ class Trainer:
         # however many of them were skipped; a step whose every micro-batch was skipped updates nothing.
         if skipped == len(micro_batches):
             self.totals["skipped_steps"] += 1
-        else:
+        elif not empty:
             self.engine.step()
         # Efficiency against the full capacity of every pack, whether or not rows were padded to it.
         pack_capacity = self.cfg.data.max_seq_len * self.cfg.data.micro_batch_packs
@@ -396,7 +402,7 @@ class Trainer:
         tokens = sum(m["tokens"] for m in interval)
         record = {
             "step": self.step,
-            "loss": (sum(m["loss_sum"] for m in interval) / n_sup) if n_sup else float("nan"),
+            "loss": (sum(m["loss_sum"] for m in interval) / n_sup) if n_sup else None,  # null: nothing supervised
             "lr": self.engine.get_lr()[0],
             "tokens": self.totals["tokens"],
             "tokens_per_s": tokens / seconds if seconds else 0.0,
@@ -412,11 +418,13 @@ class Trainer:
         for key in sorted({k for m in interval for k in m["logs"]}):
             values = [m["logs"][key] for m in interval if key in m["logs"]]
             record[key] = sum(values) / len(values)
-        if self.totals["skipped_steps"]:
-            record["skipped_steps"] = self.totals["skipped_steps"]
+        for key in ("skipped_steps", "empty_steps"):
+            if self.totals.get(key):
+                record[key] = self.totals[key]
         stats = self.loader.stats  # samples longer than max_seq_len, per data.overlong (this rank's loader)
-        if stats.n_truncated or stats.n_dropped:
+        if stats.n_truncated or stats.n_dropped or stats.n_unsupervised:
             record["samples_truncated"], record["samples_dropped"] = stats.n_truncated, stats.n_dropped
+            record["samples_unsupervised"] = stats.n_unsupervised  # cut to no supervised token: dropped
         if self.peak_flops:
             record["mfu"] = sum(m["flops"] for m in interval) / seconds / (self.peak_flops * self.world)
         if self.is_main:
@@ -578,8 +586,9 @@ def run_training(cfg: TrainConfig, resume: str | None = None, trainer_class=None
                       f"--resume auto (exit status {EXIT_STOPPED})", flush=True)
             return EXIT_STOPPED
         if trainer.is_main:
-            loss = last.get("loss", float("nan"))
-            print(f"[train] done: step {trainer.step}, loss {loss:.4f}; run directory {trainer.run_dir}", flush=True)
+            loss = last.get("loss")
+            loss = "n/a" if loss is None else f"{loss:.4f}"
+            print(f"[train] done: step {trainer.step}, loss {loss}; run directory {trainer.run_dir}", flush=True)
         return 0
 
     return run_cli(body)

@@ -9,6 +9,7 @@ How each fault is injected:
 - full disk: the run's checkpoints/ directory is a 200 MiB tmpfs mounted inside a user + mount
   namespace (`unshare -rm`): the first checkpoint (151 MiB) fits, the second hits a real ENOSPC.
 - run-directory lock: a second entry-point run into the directory of a live one.
+- empty supervision: a record whose question alone is longer than data.max_seq_len.
 """
 import json
 import os
@@ -55,12 +56,12 @@ def start(args, *, ranks=1, log: Path):
                             start_new_session=True)
 
 
-def wait_for_step(run_dir: Path, proc, step: int = 1, timeout: float = 300) -> None:
+def wait_for_step(run_dir: Path, proc, log: Path, step: int = 1, timeout: float = 300) -> None:
     path, deadline = run_dir / "metrics.jsonl", time.time() + timeout
     while time.time() < deadline:
         if path.is_file() and any(json.loads(line)["step"] >= step for line in path.read_text().splitlines() if line.strip()):
             return
-        assert proc.poll() is None, f"the run exited early with {proc.returncode}"
+        assert proc.poll() is None, f"the run exited early with {proc.returncode}: {log.read_text()[-4000:]}"
         time.sleep(0.1)
     raise AssertionError("no step logged in time")
 
@@ -106,7 +107,7 @@ def two_rank(tmp_path_factory, colour_data):
 def test_sigterm_to_one_rank_saves_that_step_and_resume_continues_exactly(two_rank, tmp_path):
     run_dir = tmp_path / "preempted"
     proc = start([*two_rank["common"], "--run-dir", str(run_dir), "--max-steps", "60"], ranks=2, log=tmp_path / "log")
-    wait_for_step(run_dir, proc)
+    wait_for_step(run_dir, proc, tmp_path / "log")
     ranks = trainers(proc)
     assert sorted(ranks) == [0, 1]
     os.kill(ranks[1].pid, signal.SIGTERM)  # only rank 1 sees it: rank 0 must learn it at the step boundary
@@ -168,9 +169,16 @@ def test_damaged_checkpoints_are_named_and_resume_falls_back_to_the_newest_intac
 @pytest.mark.slow
 def test_launcher_death_stops_and_saves_and_a_live_run_directory_is_refused(colour_data, tmp_path):
     run_dir = tmp_path / "orphan"
-    common = ["--set", f"data.train={colour_data}", *FAST, "--set", "trainer.export=false"]
+    # One more record whose question alone is longer than data.max_seq_len: cut to 1024 tokens it
+    # would keep no supervised token (a step on nothing, loss NaN); it must be dropped and counted.
+    data = tmp_path / "train.jsonl"
+    long_question = " ".join(f"word{i}" for i in range(1500))
+    data.write_text(colour_data.read_text() + json.dumps({"id": "long", "conversations": [
+        {"from": "human", "value": long_question}, {"from": "gpt", "value": "red"}]}) + "\n")
+    common = ["--set", f"data.train={data}", "--set", f"data.image_root={colour_data.parent}", *FAST,
+              "--set", "trainer.export=false"]
     proc = start([*common, "--run-dir", str(run_dir), "--max-steps", "60"], ranks=1, log=tmp_path / "log")
-    wait_for_step(run_dir, proc)
+    wait_for_step(run_dir, proc, tmp_path / "log")
     trainer = trainers(proc)[0]
     launcher = psutil.Process(proc.pid).children()[0]  # DeepSpeed's per-node launch.py
 
@@ -185,8 +193,11 @@ def test_launcher_death_stops_and_saves_and_a_live_run_directory_is_refused(colo
     trainer.wait(timeout=300)
     out = (tmp_path / "log").read_text()
     assert "the deepspeed runner (pid" in out and "exited: saving a checkpoint" in out, out[-3000:]
-    stopped = metrics(run_dir)[-1]["step"]
+    rows = metrics(run_dir)
+    stopped = rows[-1]["step"]
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{stopped:08d}"
+    assert "1 dropped because the cut left no supervised token" in out
+    assert all(isinstance(r["loss"], float) and r["loss"] == r["loss"] for r in rows)
     launcher.wait(timeout=60)  # no orphans: the per-node launcher follows its trainer out
 
 
