@@ -116,6 +116,9 @@ class RunDirectoryBusy(UserError, RuntimeError):
     """Another live run holds the run directory."""
 
 
+_HELD_HERE: set[str] = set()  # run.lock paths this process holds (flock conflicts across file descriptors)
+
+
 class RunLock:
     """`<run_dir>/run.lock`: one run per run directory.
 
@@ -136,6 +139,9 @@ class RunLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        key = str(self.path.resolve())
+        if key in _HELD_HERE:  # a later trainer of this same process (benchmark arms, lever sweeps)
+            return
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -153,12 +159,14 @@ class RunLock:
         os.pwrite(fd, record + b"\n", 0)
         os.fsync(fd)
         self._fd = fd
+        _HELD_HERE.add(key)
 
     def release(self) -> None:
         if self._fd is not None:
             os.ftruncate(self._fd, 0)  # an empty file: released cleanly, nothing stale to report
             os.close(self._fd)
             self._fd = None
+            _HELD_HERE.discard(str(self.path.resolve()))
 
 
 def _describe(raw: bytes) -> str:

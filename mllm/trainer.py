@@ -577,9 +577,11 @@ def run_training(cfg: TrainConfig, resume: str | None = None, trainer_class=None
 
     def body() -> int:
         trainer = (trainer_class or Trainer)(cfg, resume=resume)
-        last = trainer.train()
-        if trainer.run_lock is not None:
-            trainer.run_lock.release()
+        try:
+            last = trainer.train()
+        finally:  # a run that failed is not holding the directory either (a kill leaves a stale lock)
+            if trainer.run_lock is not None:
+                trainer.run_lock.release()
         if trainer.stopped_by is not None:
             if trainer.is_main:
                 print(f"[train] stopped at step {trainer.step} ({trainer.stopped_by}); checkpoint saved; continue with "

@@ -8,7 +8,8 @@ How each fault is injected:
   deleted or cut short, on disk, between runs.
 - full disk: the run's checkpoints/ directory is a 200 MiB tmpfs mounted inside a user + mount
   namespace (`unshare -rm`): the first checkpoint (151 MiB) fits, the second hits a real ENOSPC.
-- run-directory lock: a second entry-point run into the directory of a live one.
+- run-directory lock: a second entry-point run into the directory of a live one; a stale lock is
+  the holder record a killed run leaves (its flock died with it), written before a run.
 - empty supervision: a record whose question alone is longer than data.max_seq_len.
 """
 import json
@@ -154,9 +155,12 @@ def test_damaged_checkpoints_are_named_and_resume_falls_back_to_the_newest_intac
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{optim5}: sha256 mismatch (damaged)" in lines[0], lines
 
+    # what a SIGKILLed run leaves: its holder record (the kernel dropped its flock with the process)
+    (run_dir / "run.lock").write_text(json.dumps({"host": "node7", "pid": 4242, "started": "2026-12-01T00:00:00Z"}))
     proc = run([*two_rank["common"], "--run-dir", str(run_dir), "--max-steps", "6", "--resume", "auto"], ranks=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
+    assert "taking over a stale lock (host node7, pid 4242, started 2026-12-01T00:00:00Z is no longer running)" in log
     half = model6.stat().st_size  # rewritten by the resumed run: the size it had when damaged is in the message
     assert f"skipping step_00000006: {model6} is " in log and "expected" in log and "(cut short or overwritten)" in log, log[-4000:]
     assert f"skipping step_00000005: {optim5}: sha256 mismatch (damaged)" in log
