@@ -66,3 +66,14 @@ def test_a_killed_extraction_resumes_to_the_same_bytes_and_names_a_corrupt_image
     verify = subprocess.run([sys.executable, "scripts/extract_codes.py", "--out", str(killed), "--verify"], cwd=REPO,
                             env=ENV, capture_output=True, text=True, timeout=300)
     assert verify.returncode == 0 and json.loads(verify.stdout)["n_records"] == 29
+
+
+def test_undecodable_bytes_in_a_data_file_name_the_file_and_line(tmp_path):
+    data = tmp_path / "train.jsonl"
+    good = json.dumps({"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ok"}]})
+    data.write_bytes(good.encode() + b"\n" + good.encode()[:20] + b"\xff\xfe" + good.encode()[20:] + b"\n")
+    proc = subprocess.run(_command(data, tmp_path / "codes"), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith(f"extract_codes: error: {data}:2: not UTF-8 text (byte 0xff at offset {len(good) + 21}); "
+                               "save the file as UTF-8"), lines[0]

@@ -232,3 +232,38 @@ def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays_latest(colour
     listing = proc.stdout.split("exit=1", 1)[1].split()
     assert listing[0] == "step_00000002" and "step_00000004" not in listing, listing
     assert "Traceback" not in proc.stderr
+
+
+def test_signals_close_together_are_one_request_and_a_later_second_one_exits_at_once():
+    """Ctrl-C reaches the trainer twice at once (the terminal's SIGINT, the launcher's forwarded
+    SIGTERM): one graceful request. A second signal after the coalescing window exits 128 + N."""
+    code = ("import os, signal, time\n"
+            "from mllm.faults import GracefulStop, SAME_REQUEST_S\n"
+            "stop = GracefulStop().install()\n"
+            "assert not stop.requested()\n"
+            "os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGTERM)\n"
+            "assert stop.requested() and stop.reason == 'SIGINT', stop.reason\n"
+            "print('still running', flush=True)\n"
+            "time.sleep(SAME_REQUEST_S + 0.2)\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "time.sleep(5)\n"
+            "print('not reached', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert proc.stdout == "still running\n"
+    assert proc.stderr.splitlines() == [
+        "[train] SIGINT: finishing this step, saving a checkpoint, then exiting with status 75 (a second signal exits "
+        "at once without saving)",
+        "[train] second SIGTERM during the graceful stop: exiting now without a checkpoint"]
+
+
+def test_free_space_below_one_checkpoint_is_warned_at_start(tmp_path, caplog):
+    from mllm.faults import check_free_space
+
+    free = shutil.disk_usage(tmp_path).free
+    with caplog.at_level("WARNING"):
+        check_free_space(tmp_path / "checkpoints", free // 2)
+        assert not caplog.records
+        check_free_space(tmp_path / "checkpoints", free * 2)
+    assert len(caplog.records) == 1 and "a checkpoint needs about" in caplog.records[0].getMessage()
+    assert "the next save will fail" in caplog.records[0].getMessage()
