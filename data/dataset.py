@@ -28,7 +28,7 @@ from data.chat import build_sample
 from data.conversations import ConversationRecord
 from data.video import VideoSettings
 from data.video_codes import VideoFrames, fit_frames
-from data.vocab import SUBCODES, CodeVocab
+from data.vocab import IGNORE_INDEX, SUBCODES, CodeVocab
 from viq.errors import ConfigError
 from viq.image import ImageInputError, ResizePolicy, preprocess, token_grid
 
@@ -101,15 +101,15 @@ class ConversationDataset:
         self.videos = VideoFrames(video or VideoSettings(), source, code_store, resize_policy)
         self.video_plans: dict[int, object] = {}  # sample index -> data.video.FramePlan (online videos)
         self.n_video_truncated = 0
-        lengths = []
+        lengths, first = [], []
         for record in records:
             keys = [image_key(ref, record.id, k, image_root) for k, ref in enumerate(record.images)]
             try:
                 if record.video is not None:
-                    record, keys, grids, n = self._video_sample(record, max_len, overlong)
+                    record, keys, grids, n, supervised_from = self._video_sample(record, max_len, overlong)
                 else:
                     grids = [self._grid(ref, key) for ref, key in zip(record.images, keys)]
-                    n = self._length(record.conversations, grids)
+                    n, supervised_from = self._measure(record.conversations, grids)
             except (KeyError, ImageInputError, ValueError) as e:
                 reason = type(e).__name__ if not isinstance(e, KeyError) else "codes missing from the cache"
                 self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -120,30 +120,37 @@ class ConversationDataset:
             self.keys.append(keys)
             self.grids.append(grids)
             lengths.append(n)
+            first.append(supervised_from)
         self._lengths = np.asarray(lengths, dtype=np.int64)
+        self._first_supervised = np.asarray(first, dtype=np.int64)
 
-    def _length(self, conversations: list[dict], grids) -> int:
-        return int(build_sample(self.tokenizer, self.vocab, conversations, grids, system=self.system)["input_ids"].numel())
+    def _measure(self, conversations: list[dict], grids) -> tuple[int, int]:
+        """(length, position of the first supervised token, or the length when none is)."""
+        sample = build_sample(self.tokenizer, self.vocab, conversations, grids, system=self.system)
+        n = int(sample["input_ids"].numel())
+        supervised = torch.nonzero(sample["labels"] != IGNORE_INDEX)
+        return n, int(supervised[0]) if len(supervised) else n
 
     def _video_sample(self, record: ConversationRecord, max_len: int | None, overlong: str):
-        """(record with the frames laid out, frame keys, grids, length) of a video record."""
+        """(record with the frames laid out, frame keys, grids, length, first supervised position) of a video record."""
         keys, grids, seconds, plan = self.videos.resolve(record.video, image_key(record.video, record.id, 0, self.image_root))
         n_frames = len(keys)
 
-        def length_of(k: int) -> int:
-            return self._length(self.videos.layout(record.conversations, seconds[:k]), grids[:k])
+        def measure(k: int) -> tuple[int, int]:
+            return self._measure(self.videos.layout(record.conversations, seconds[:k]), grids[:k])
 
-        n = length_of(n_frames)
+        n, supervised_from = measure(n_frames)
         if max_len is not None and n > max_len and overlong == "truncate":
-            n_frames, n = fit_frames(n_frames, length_of, max_len)
+            n_frames, n = fit_frames(n_frames, lambda k: measure(k)[0], max_len)
             if n_frames == 0:
                 raise ValueError(f"video '{keys[0].split('|')[0]}': not even one frame fits max_seq_len={max_len} ({n} tokens)")
             self.n_video_truncated += 1
+            n, supervised_from = measure(n_frames)
         if plan is not None:
             self.video_plans[len(self.records)] = plan.first(n_frames)
         turns = self.videos.layout(record.conversations, seconds[:n_frames])
         expanded = ConversationRecord(id=record.id, conversations=turns, video=record.video)
-        return expanded, keys[:n_frames], grids[:n_frames], n
+        return expanded, keys[:n_frames], grids[:n_frames], n, supervised_from
 
     def _grid(self, ref, key: str) -> tuple[int, int]:
         if self.source == "codes":
@@ -162,6 +169,10 @@ class ConversationDataset:
 
     def length(self, index: int) -> int:
         return int(self._lengths[index])
+
+    def first_supervised(self, index: int) -> int:
+        """Position of the sample's first supervised token (its length when it has none)."""
+        return int(self._first_supervised[index])
 
     def __getitem__(self, index: int) -> dict:
         record, grids = self.records[index], self.grids[index]

@@ -1,10 +1,15 @@
 """Offline code extraction: encode every image of a data set once into code shards.
 
-Resumable (images already in the cache are skipped), safe to run as several ranks (rank r
-takes every world-th image and writes its own shards), and honest about bad images: a file
-that cannot be decoded is skipped, counted, and listed in `skipped-rank<r>.jsonl`, unless
-`on_error="fail"`, which stops with the one-line error naming the file. Videos are
+Resumable (images already in the cache are skipped; progress inside the open shard is
+committed every `commit_seconds`, so a kill loses at most that much work, and the resumed
+cache is byte-identical to an uninterrupted one: batches are cut from the full image list,
+not from what is left), safe to run as several ranks (rank r takes every world-th image and
+writes its own shards), and honest about bad images: a file that cannot be decoded is
+skipped, counted, named on the console (the first few) and listed in `skipped-rank<r>.jsonl`,
+unless `on_error="fail"`, which stops with the one-line error naming the file. Videos are
 extracted frame by frame into the same shards (data/video_codes.py, `video` settings).
+scripts/extract_codes.py runs the same steps with decode workers and a writer thread
+(data/extract_pipeline.py).
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from viq.errors import ConfigError
 from viq.image import ImageInputError
 
 logger = logging.getLogger(__name__)
+SKIPPED_SHOWN = 5  # skipped images named on the console; the rest are in the report file
 
 
 def unique_images(records, image_root) -> list[tuple[str, object]]:
@@ -55,7 +61,7 @@ def extract_file(viq_model, viq_name: str, data_path: str, out_dir: str, *, imag
 def extract_codes(
     viq_model, viq_name: str, records, out_dir: str, *, key_root: str | None,
     rank: int = 0, world_size: int = 1, batch_images: int = 32, on_error: str = "skip", log=logger.info,
-    video: VideoSettings | None = None,
+    video: VideoSettings | None = None, commit_seconds: float = 30.0, shard_bytes: int | None = None,
 ) -> dict:
     """Encode the images of `records` into shards under `out_dir`, keyed relative to key_root."""
     if on_error not in ("skip", "fail"):
@@ -64,12 +70,21 @@ def extract_codes(
     done = done_keys(out_dir) if Path(out_dir).exists() else set()
     todo = [(k, ref) for k, ref in images if k not in done]
     skipped_path = Path(out_dir) / f"skipped-rank{rank:03d}.jsonl"
+    skipped_path.unlink(missing_ok=True)  # skipped images are retried: the report is this run's
     n_skipped, n_codes_bytes, n_raw_bytes, n_tokens = 0, 0, 0, 0
     t0 = time.perf_counter()
     device = viq_model.device
-    with ShardWriter(out_dir, rank=rank, meta=cache_meta(viq_model.config, viq_name)) as writer:
-        for start in range(0, len(todo), batch_images):
-            chunk = todo[start : start + batch_images]
+    size = {} if shard_bytes is None else {"shard_bytes": shard_bytes}
+    last_commit = time.monotonic()
+    # Batches are cut from the rank's full image list and cached images filtered out of them:
+    # a resumed run encodes exactly the batches an uninterrupted run would have (the same bytes).
+    batches = [[(k, ref) for k, ref in images[i : i + batch_images] if k not in done]
+               for i in range(0, len(images), batch_images)]
+    batches = [b for b in batches if b]
+    with ShardWriter(out_dir, rank=rank, meta=cache_meta(viq_model.config, viq_name), **size) as writer:
+        n_seen = 0
+        for number, chunk in enumerate(batches):
+            n_seen += len(chunk)
             pixels, keys = [], []
             for key, ref in chunk:
                 try:
@@ -79,6 +94,8 @@ def extract_codes(
                     if on_error == "fail":
                         raise
                     n_skipped += 1
+                    if n_skipped <= SKIPPED_SHOWN:
+                        logger.warning(f"skipped {key}: {e}")
                     with open(skipped_path, "a") as fh:
                         fh.write(json.dumps({"key": key, "error": str(e)}) + "\n")
             if not pixels:
@@ -91,13 +108,18 @@ def extract_codes(
                 n_tokens += h * w
                 n_raw_bytes += p.shape[1] * p.shape[2] * 3
                 n_codes_bytes += c.numel() * (2 if viq_model.codebook_size <= 2**16 else 4)
-            if log and (start // batch_images) % 20 == 0:
-                done_n = start + len(chunk)
-                log(f"rank {rank}: {done_n}/{len(todo)} images, {done_n / (time.perf_counter() - t0):.1f} images/s")
+            if time.monotonic() - last_commit >= commit_seconds:
+                writer.commit()
+                last_commit = time.monotonic()
+            if log and number % 20 == 0:
+                log(f"rank {rank}: {n_seen}/{len(todo)} images, {n_seen / (time.perf_counter() - t0):.1f} images/s")
         image_seconds = time.perf_counter() - t0  # images/s is for images; videos report their own time
         videos = extract_videos(viq_model, records, key_root, writer, video or VideoSettings(), video_key=image_key, rank=rank,
                                 world_size=world_size, on_error=on_error, skipped_path=skipped_path)
     seconds = time.perf_counter() - t0
+    if n_skipped:
+        logger.warning(f"{n_skipped} image(s) skipped{f' (the first {SKIPPED_SHOWN} named above)' if n_skipped > SKIPPED_SHOWN else ''}; "
+                       f"every one with its error: {skipped_path}")
     manifest = merge_manifests(out_dir) if world_size == 1 else None
     n_done = len(todo) - n_skipped
     return {

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import queue
 import threading
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from data.extract import cache_meta, image_key, unique_images
+from data.extract import SKIPPED_SHOWN, cache_meta, image_key, unique_images
 from data.shards import ShardWriter, done_keys, merge_manifests, verify
 from data.video import VideoSettings
 from data.video_codes import extract_videos
@@ -42,6 +43,7 @@ from viq.errors import ConfigError
 from viq.image import ImageInputError, load_resized, normalize
 
 _STOP = object()
+logger = logging.getLogger(__name__)
 
 
 class DecodeSet(torch.utils.data.Dataset):
@@ -89,9 +91,10 @@ class _Writer(threading.Thread):
     """Appends finished batches' codes to the rank's shards; the first error is kept and re-raised
     by the main thread (a bug still shows its traceback)."""
 
-    def __init__(self, writer: ShardWriter, bytes_per_code: int):
+    def __init__(self, writer: ShardWriter, bytes_per_code: int, commit_seconds: float):
         super().__init__(daemon=True, name="code-shard-writer")
         self.writer, self.bytes_per_code = writer, bytes_per_code
+        self.commit_seconds, self.last_commit = commit_seconds, time.monotonic()
         self.queue: queue.Queue = queue.Queue(maxsize=4)  # back-pressure: at most 4 batches of codes in flight
         self.error: BaseException | None = None
         self.n_images = self.n_tokens = self.code_bytes = 0
@@ -112,6 +115,9 @@ class _Writer(threading.Thread):
                     self.n_images += 1
                     self.n_tokens += h * w
                     self.code_bytes += h * w * 4 * self.bytes_per_code
+                if time.monotonic() - self.last_commit >= self.commit_seconds:  # a kill loses at most this much
+                    self.writer.commit()
+                    self.last_commit = time.monotonic()
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
                 self.error = e
 
@@ -145,7 +151,7 @@ def extract_pipeline(
     viq_model, viq_name: str, records, out_dir: str, *, key_root: str | None, workers: int = 4,
     batch_images: int = 32, bucket: bool = False, on_error: str = "skip", shard_bytes: int | None = None,
     verify_shards: bool = True, rank: int | None = None, world_size: int | None = None, log=print,
-    video: VideoSettings | None = None,
+    video: VideoSettings | None = None, commit_seconds: float = 30.0,
 ) -> dict:
     """Encode every image of `records` not yet in `out_dir` (this rank's share); returns the
     summary (on rank 0 of a multi-rank run: every rank's counts summed, the manifest built and
@@ -165,17 +171,22 @@ def extract_pipeline(
     cuda = viq_model.device.type == "cuda"
     if cuda:  # events, pinned copies and the loader's pin thread all use the current device: this rank's GPU
         torch.cuda.set_device(viq_model.device)
+    # Batches are cut from the rank's full image list and cached images filtered out of them: a
+    # resumed run encodes exactly the batches an uninterrupted run would have (the same bytes).
+    position = {k: n for n, (k, _) in enumerate(todo)}
+    batches = [[position[k] for k, _ in mine[i : i + batch_images] if k in position] for i in range(0, len(mine), batch_images)]
     loader = torch.utils.data.DataLoader(
-        DecodeSet(todo, viq_model.config.resize_policy), batch_size=batch_images, num_workers=workers,
+        DecodeSet(todo, viq_model.config.resize_policy), batch_sampler=[b for b in batches if b], num_workers=workers,
         collate_fn=_as_list, pin_memory=cuda, prefetch_factor=4 if workers else None, persistent_workers=False,
     )
     skipped_path = Path(out_dir) / f"skipped-rank{rank:03d}.jsonl"
+    skipped_path.unlink(missing_ok=True)  # skipped images are retried: the report is this run's
     writer_kw = {"shard_bytes": shard_bytes} if shard_bytes else {}
     bytes_per_code = 2 if viq_model.codebook_size <= 2**16 else 4
     n_skipped, raw_bytes, wait_s = 0, 0, 0.0
     t0 = time.perf_counter()
     with ShardWriter(out_dir, rank=rank, meta=cache_meta(viq_model.config, viq_name), **writer_kw) as shards:
-        writer = _Writer(shards, bytes_per_code)
+        writer = _Writer(shards, bytes_per_code, commit_seconds)
         writer.start()
         try:
             with torch.inference_mode():
@@ -190,6 +201,8 @@ def extract_pipeline(
                             if on_error == "fail":
                                 raise ImageInputError(error)
                             n_skipped += 1
+                            if n_skipped <= SKIPPED_SHOWN:
+                                logger.warning(f"skipped {key}: {error}")
                             with open(skipped_path, "a") as fh:
                                 fh.write(json.dumps({"key": key, "error": error}) + "\n")
                             continue
@@ -215,6 +228,9 @@ def extract_pipeline(
              "raw_bytes": raw_bytes, "code_bytes": writer.code_bytes, "seconds": image_seconds, "decode_wait_s": wait_s,
              **videos}
     skipped = n_skipped or videos["videos_skipped"]
+    if n_skipped:
+        shown = f" (the first {SKIPPED_SHOWN} named above)" if n_skipped > SKIPPED_SHOWN else ""
+        logger.warning(f"{n_skipped} image(s) skipped{shown}; every one with its error: {skipped_path}")
     return _finish(local, out_dir, rank, world, skipped_path if skipped else None, verify_shards)
 
 

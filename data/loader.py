@@ -112,6 +112,10 @@ class PackedLoader:
         if n and int(self.lengths.min()) < 1:
             bad = int(np.argmin(self.lengths))
             raise ValueError(f"dataset.length({bad}) = {int(self.lengths[bad])}; every sample needs at least one token")
+        # Where supervision starts: an over-long sample cut before it would train on nothing (a NaN step).
+        first = getattr(dataset, "first_supervised", None)
+        self.first_supervised = (np.fromiter((first(i) for i in range(n)), dtype=np.int64, count=n) if first
+                                 else np.zeros(n, dtype=np.int64))
         self._lengths_crc = zlib.crc32(self.lengths.tobytes())
         self._perm_cache: tuple[int, np.ndarray] | None = None
         self._steps_cache: dict[int, int] = {}
@@ -142,12 +146,15 @@ class PackedLoader:
         perm = self._permutation(epoch)
         fresh = perm[cursor : cursor + self.buffer_size * self.world_size].tolist()
         cursor += len(fresh)
-        counts = {"n_samples": len(fresh), "n_truncated": 0, "n_dropped": 0, "n_tail_dropped": 0}
+        counts = {"n_samples": len(fresh), "n_truncated": 0, "n_dropped": 0, "n_unsupervised": 0, "n_tail_dropped": 0}
         items = list(carry)
         for i in fresh:
             if self.lengths[i] > self.capacity:
                 if self.overlong == "drop":
                     counts["n_dropped"] += 1
+                    continue
+                if self.first_supervised[i] >= self.capacity:
+                    counts["n_unsupervised"] += 1
                     continue
                 counts["n_truncated"] += 1
             items.append(i)
@@ -190,6 +197,7 @@ class PackedLoader:
             self.stats.n_samples += counts["n_samples"]
             self.stats.n_truncated += counts["n_truncated"]
             self.stats.n_dropped += counts["n_dropped"]
+            self.stats.n_unsupervised += counts["n_unsupervised"]
             self.n_tail_dropped += counts["n_tail_dropped"]
         return True
 
@@ -208,6 +216,7 @@ class PackedLoader:
             stats.n_samples += counts["n_samples"]
             stats.n_truncated += counts["n_truncated"]
             stats.n_dropped += counts["n_dropped"]
+            stats.n_unsupervised += counts["n_unsupervised"]
         stats.n_packs = len(all_packs)
         stats.n_real_tokens = sum(self._effective_length(i) for pack in all_packs for i in pack)
         return all_packs, stats

@@ -37,6 +37,7 @@ class PackingStats:
     n_packs: int = 0
     n_truncated: int = 0
     n_dropped: int = 0
+    n_unsupervised: int = 0  # over-long samples dropped because the cut would leave no supervised token
     n_real_tokens: int = 0  # tokens placed in packs (after truncation)
 
     @property
@@ -53,6 +54,7 @@ class PackingStats:
         self.n_packs += other.n_packs
         self.n_truncated += other.n_truncated
         self.n_dropped += other.n_dropped
+        self.n_unsupervised += other.n_unsupervised
         self.n_real_tokens += other.n_real_tokens
 
     def to_dict(self) -> dict:

@@ -16,8 +16,12 @@ Each image's codes are an integer tensor [h, w, 4] of FSQ indices in [0, K). On 
 
 Crash safety: a shard is written to `<name>.bin.tmp`, renamed when complete, and only then
 is its index written (atomically too). A shard is *listed* when its index exists, so a
-killed extraction leaves no listed partial shard; a new ShardWriter of the same rank
-removes that rank's leftovers and `done_keys` tells the extractor what to skip. Ranks
+killed extraction leaves no listed partial shard. Progress inside the open shard is kept by
+`commit()`: the .bin.tmp is fsynced and `<name>.progress.json` (its committed byte count
+and records) replaced atomically; a new ShardWriter of the same rank cuts the .bin.tmp back
+to the committed bytes and continues that shard, so a resumed extraction writes the same
+bytes as an uninterrupted one. Anything else a killed writer left is removed, and
+`done_keys` (listed shards plus committed progress) tells the extractor what to skip. Ranks
 write disjoint files (rank in the name); merge_manifests builds the single index and
 refuses a key written twice.
 """
@@ -44,7 +48,7 @@ META_FILE = "meta.json"
 DEFAULT_SHARD_BYTES = 256 << 20
 PIXELS_PER_TOKEN = 28  # one ViQ token covers 28 x 28 pixels (14 px patches, 2 x 2 sub-codes)
 
-_SHARD_RE = re.compile(r"^codes-(\d{3})-(\d{5})\.(bin|bin\.tmp|idx\.json)$")
+_SHARD_RE = re.compile(r"^codes-(\d{3})-(\d{5})\.(bin|bin\.tmp|idx\.json|progress\.json)$")
 
 
 class ShardError(DataError):
@@ -127,6 +131,9 @@ def done_keys(out_dir: str | os.PathLike) -> set[str]:
     keys: set[str] = set()
     for idx_path in _listed_indexes(out_dir):
         keys.update(_read_json(idx_path)["records"]["keys"])
+    for (r, n), kinds in _shard_files(out_dir).items():
+        if {"bin.tmp", "progress.json"} <= kinds and "idx.json" not in kinds:  # committed, not yet finished
+            keys.update(_read_json(out_dir / f"{shard_stem(r, n)}.progress.json")["records"]["keys"])
     return keys
 
 
@@ -155,12 +162,17 @@ class ShardWriter:
             _write_json(meta_path, self.meta)
         self._done = done_keys(self.out_dir)
         files = _shard_files(self.out_dir)
-        for (r, n), kinds in files.items():
-            if r == rank and "idx.json" not in kinds:  # left by a killed run of this rank: never listed
-                for kind in kinds:
-                    (self.out_dir / f"{shard_stem(r, n)}.{kind}").unlink(missing_ok=True)
         mine = [n for (r, n), kinds in files.items() if r == rank and "idx.json" in kinds]
         self._next_n = max(mine) + 1 if mine else 0
+        self._resume_progress = None
+        for (r, n), kinds in files.items():
+            if r != rank or "idx.json" in kinds:
+                continue
+            if n == self._next_n and {"bin.tmp", "progress.json"} <= kinds:  # committed progress: continued
+                self._resume_progress = _read_json(self.out_dir / f"{shard_stem(r, n)}.progress.json")
+                continue
+            for kind in kinds:  # left by a killed run of this rank and never committed
+                (self.out_dir / f"{shard_stem(r, n)}.{kind}").unlink(missing_ok=True)
         self._file = None
         self.shards_written: list[str] = []
         self.n_added = 0
@@ -184,10 +196,30 @@ class ShardWriter:
             raise ShardError(f"rank {self.rank} has 100000 shards in {self.out_dir}; raise shard_bytes")
         self._stem = shard_stem(self.rank, self._next_n)
         self._tmp_path = self.out_dir / f"{self._stem}.bin.tmp"
-        self._file = open(self._tmp_path, "wb")
         self._sha = hashlib.sha256()
-        self._size = 0
-        self._cols = {"keys": [], "h": [], "w": [], "offset": [], "nbytes": [], "crc32": []}
+        progress, self._resume_progress = self._resume_progress, None
+        if progress is None:
+            self._file = open(self._tmp_path, "wb")
+            self._size = 0
+            self._cols = {"keys": [], "h": [], "w": [], "offset": [], "nbytes": [], "crc32": []}
+            return
+        # Continue a shard a killed writer committed: bytes past the commit are dropped.
+        self._file = open(self._tmp_path, "r+b")
+        self._file.truncate(progress["nbytes"])
+        committed = self._file.read(progress["nbytes"])
+        if len(committed) != progress["nbytes"]:
+            raise ShardError(f"{self._tmp_path}: {len(committed)} bytes, its progress file committed {progress['nbytes']}")
+        self._sha.update(committed)
+        self._size = progress["nbytes"]
+        self._cols = progress["records"]
+
+    def commit(self) -> None:
+        """Make everything added so far survive a kill (the open shard's bytes and records)."""
+        if self._file is None:
+            return
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        _write_json(self.out_dir / f"{self._stem}.progress.json", {"nbytes": self._size, "records": self._cols})
 
     def add(self, key: str, codes) -> None:
         """Store one image's codes: an integer tensor/array [h, w, 4] with values in [0, K)."""
@@ -241,11 +273,14 @@ class ShardWriter:
             "records": self._cols,
         }
         _write_json(self.out_dir / f"{self._stem}.idx.json", index)  # the shard is listed from here on
+        (self.out_dir / f"{self._stem}.progress.json").unlink(missing_ok=True)
         self.shards_written.append(f"{self._stem}.bin")
         self._next_n += 1
 
     def close(self) -> list[str]:
         """Complete the open shard (if any); returns the names of the shards this writer wrote."""
+        if self._file is None and self._resume_progress is not None:  # a committed shard nothing was added to
+            self._open_shard()
         if self._file is not None:
             self._finish_shard()
         return self.shards_written

@@ -36,6 +36,7 @@ import re
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -44,6 +45,7 @@ from viq.config import from_dict
 from viq.errors import ConfigError
 from viq.image import ImageInputError, ResizePolicy
 from viq.io import atomic_write_json, read_json
+from viq.ranges import at_least
 
 VIDEO_PLACEHOLDER = "<video>"
 _FRAME_KEY_RE = re.compile(r"^(?P<prefix>.+)\|frame (?P<k>\d+)/(?P<n>\d+) #(?P<index>\d+) @(?P<t>[0-9.]+)s$")
@@ -59,6 +61,8 @@ class VideoSettings:
     fps: float = 0.0  # 0: max_frames spread uniformly over the video; > 0: frames per second, at most max_frames
     frame_max_pixels: int = 224 * 224  # per-frame pixel budget (64 ViQ tokens at 28 px per token)
     timestamps: bool = True  # write each frame's time ("1.5s: ") before its image span
+
+    RANGES: ClassVar[dict] = {"max_frames": at_least(1), "fps": at_least(0), "frame_max_pixels": at_least(28 * 28)}
 
     def validate(self, where: str = "data.video") -> "VideoSettings":
         """`where`: a config prefix ("data.video" -> 'config key data.video.fps') or a command-line

@@ -12,6 +12,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
@@ -26,10 +27,10 @@ from mllm.optimizers import OPTIMIZER_IMPLEMENTATIONS
 from mllm.vocab_tables import EMBEDDING_INITS
 from viq.config import ConfigError, apply_overrides, from_dict
 from viq.io import atomic_write
+from viq.ranges import at_least, between, positive, range_errors
 
 DTYPES = ("auto", "fp32", "bf16")
 NONFINITE_POLICIES = ("stop", "skip")
-ZERO_STAGES = (0, 1, 2, 3)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -50,6 +51,9 @@ class ModelConfig:
     fp8: bool = False  # torchao float8 training of the decoder layers' linears (H100/H200)
     compile_mode: str = "default"  # with compile_layers: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     lora: LoraSettings = field(default_factory=LoraSettings)  # LoRA on the body, code rows in full (mllm/lora.py)
+
+    RANGES: ClassVar[dict] = {"vocab_init_noise": at_least(0), "checkpoint_fraction": between(0, 1),
+                              "loss_chunk_size": at_least(1)}
 
 
 @dataclass
@@ -74,6 +78,9 @@ class DataConfig:
     system_prompt: str = ""  # empty: Qwen2.5's default system prompt
     video: VideoSettings = field(default_factory=VideoSettings)  # frame sampling of video records (data/video.py)
 
+    RANGES: ClassVar[dict] = {"synthetic_n": at_least(1), "max_seq_len": at_least(1), "buffer_size": at_least(1),
+                              "micro_batch_packs": at_least(1)}
+
 
 @dataclass
 class OptimConfig:
@@ -85,8 +92,12 @@ class OptimConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     schedule_steps: int = 0  # length of the warmup + cosine schedule; 0: trainer.max_steps
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0: no clipping
     implementation: str = "config"  # config (the DeepSpeed JSON's optimizer) | torch_foreach | torch_fused | deepspeed_fused (mllm/optimizers.py)
+
+    RANGES: ClassVar[dict] = {"lr": positive(), "code_embedding_lr": at_least(0), "weight_decay": at_least(0),
+                              "betas": between(0, 1, high_open=True), "eps": positive(), "warmup_steps": at_least(0),
+                              "min_lr_ratio": between(0, 1), "schedule_steps": at_least(0), "grad_clip": at_least(0)}
 
 
 @dataclass
@@ -112,6 +123,10 @@ class TrainerConfig:
     progress: bool = True
     export: bool = True  # write runs/<name>/hf/ at the end
 
+    RANGES: ClassVar[dict] = {"max_steps": at_least(1), "grad_accum": at_least(1), "zero_stage": between(0, 3),  # ZeRO stage 0-3
+                              "log_every": at_least(1), "save_every": at_least(0), "keep_checkpoints": at_least(1),
+                              "seed": between(0, 2**32 - 1)}
+
 
 @dataclass
 class TrainConfig:
@@ -135,27 +150,14 @@ class TrainConfig:
             "model.kernels": (self.model.kernels, KERNEL_SETS),
             "optim.implementation": (self.optim.implementation, OPTIMIZER_IMPLEMENTATIONS),
         }
-        for key, (value, valid) in choices.items():
-            if value not in valid:
-                raise ConfigError(f"config key '{key}' is '{value}'; valid values: {', '.join(valid)}")
-        if self.trainer.zero_stage not in ZERO_STAGES:
-            raise ConfigError(f"config key 'trainer.zero_stage' is {self.trainer.zero_stage}; "
-                              f"valid values: {', '.join(map(str, ZERO_STAGES))}")
-        if not 0.0 <= self.model.checkpoint_fraction <= 1.0:
-            raise ConfigError(f"config key 'model.checkpoint_fraction' must be in [0, 1], got {self.model.checkpoint_fraction}")
+        # Every wrong value at once, one line each: choices, then numbers against their declared ranges.
+        errors = [f"config key '{key}' is '{value}'; valid values: {', '.join(valid)}"
+                  for key, (value, valid) in choices.items() if value not in valid]
+        errors += range_errors(self)
+        if errors:
+            raise ConfigError("\n".join(errors))
         self.model.lora.validate(self)
         self.data.video.validate()
-        positive = {
-            "data.max_seq_len": self.data.max_seq_len,
-            "data.buffer_size": self.data.buffer_size,
-            "data.micro_batch_packs": self.data.micro_batch_packs,
-            "trainer.max_steps": self.trainer.max_steps,
-            "trainer.grad_accum": self.trainer.grad_accum,
-            "optim.lr": self.optim.lr,
-        }
-        for key, value in positive.items():
-            if value <= 0:
-                raise ConfigError(f"config key '{key}' must be positive, got {value}")
         return self
 
     def to_dict(self) -> dict:

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from viq.config import ConfigError
+from viq.ranges import at_least, between, positive
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,9 @@ class LoraSettings:
     use_dora: bool = False  # weight-decomposed LoRA (peft use_dora)
     train_text_rows: bool = False  # also train the text rows of the embedding / head in full
     export_adapter: bool = False  # also write hf-adapter/: the adapter alone, peft format, beside the base
+
+    RANGES: ClassVar[dict] = {"rank": positive(), "alpha": positive(), "dropout": between(0, 1, high_open=True),
+                              "layers": at_least(0)}
 
     def validate(self, cfg) -> None:
         """ConfigError naming the key for settings that cannot work (called by TrainConfig.validate)."""

@@ -57,6 +57,7 @@ from mllm.engine import (
     model_state_bytes,
 )
 from mllm.export import save_export
+from mllm.faults import EXIT_STOPPED, GracefulStop, RunDirectoryBusy, RunLock, check_free_space
 from mllm.hardware import gpu_peak_flops
 from mllm.kernels import apply_kernel_options
 from mllm.lora import apply_lora, check_lora_trainable
@@ -80,6 +81,12 @@ class Trainer:
         self.is_main = self.rank == 0
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.run_lock = self._lock_run_dir()
+        # Verified before anything is built: a damaged --resume PATH fails in seconds, and --resume
+        # auto picks the newest intact checkpoint (a warning for each damaged one it skips).
+        self.resumed_from = ckpt.find_resume(self.ckpt_dir, resume)
+        self.stopped_by: str | None = None
+        self.graceful_stop: GracefulStop | None = None  # installed by train()
         _seed_everything(cfg.trainer.seed)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +108,9 @@ class Trainer:
         self.totals = {"tokens": 0, "samples": 0, "skipped_steps": 0}
         self.peak_flops = gpu_peak_flops(self.device)
         self.flops_per_token = self._dense_flops_per_token()
-        self.resumed_from = ckpt.find_resume(self.ckpt_dir, resume)
+        self.checkpoint_bytes = self._checkpoint_bytes()
+        if self.is_main:
+            check_free_space(self.ckpt_dir, self.checkpoint_bytes)
         if self.resumed_from is not None:
             self._resume(self.resumed_from)
 
@@ -144,7 +153,8 @@ class Trainer:
                 f"data: {len(self.dataset)} samples, {self.loader.steps_per_epoch // cfg.trainer.grad_accum} steps per epoch "
                 f"({self.capacity} tokens x {d.micro_batch_packs} packs x {cfg.trainer.grad_accum} accumulation x "
                 f"{self.world} ranks), packing efficiency {plan.efficiency:.3f}; longer than {self.capacity} tokens: "
-                f"{plan.n_truncated} truncated, {plan.n_dropped} dropped (data.overlong={d.overlong})"
+                f"{plan.n_truncated} truncated, {plan.n_dropped} dropped (data.overlong={d.overlong}), "
+                f"{plan.n_unsupervised} dropped because the cut left no supervised token"
             )
 
     def data_settings(self) -> tuple:
@@ -280,13 +290,18 @@ class Trainer:
         t0 = time.perf_counter()
         local_sup = sum(int(b["n_supervised"]) for b in micro_batches)
         n_global = all_reduce_sum(local_sup, self.device)
+        # No supervised token on any rank (every rank agrees): nothing to learn, and 0/0 would log
+        # NaN; the step runs no forward, updates nothing and is counted.
+        empty = n_global == 0
+        if empty:
+            self.totals["empty_steps"] = self.totals.get("empty_steps", 0) + 1
         scale = self.world / max(n_global, 1.0)  # DeepSpeed averages gradients over ranks
         check_before_backward = self.cfg.trainer.nonfinite == "skip"
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
         skipped = 0
         self.engine.train()
         logs: dict[str, list] = {}
-        for j, batch in enumerate(micro_batches):
+        for j, batch in enumerate([] if empty else micro_batches):
             out = self.engine(self.prepare_batch(batch))
             loss_sum = out["loss_sum"]
             # Auxiliary losses arrive as means: averaged over micro-batches here, over ranks by DeepSpeed.
@@ -311,28 +326,31 @@ class Trainer:
         # however many of them were skipped; a step whose every micro-batch was skipped updates nothing.
         if skipped == len(micro_batches):
             self.totals["skipped_steps"] += 1
-        else:
+        elif not empty:
             self.engine.step()
         # Efficiency against the full capacity of every pack, whether or not rows were padded to it.
         pack_capacity = self.cfg.data.max_seq_len * self.cfg.data.micro_batch_packs
         log_keys = sorted(logs)
+        # The stop request rides on the step's one all-reduce: a signal seen by any rank stops all.
+        stop = self.graceful_stop is not None and self.graceful_stop.requested()
         host = torch.tensor([
             sum(int(b["n_real_tokens"]) for b in micro_batches), pack_capacity * len(micro_batches),
             sum(int(b["n_samples"]) for b in micro_batches), sum(_sum_sq_lengths(b) for b in micro_batches),
+            float(stop),
         ], dtype=torch.float64)
         device_values = torch.stack([loss_total] + [
             torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in logs[k]]).mean()
             for k in log_keys
         ])
         totals = all_reduce_vector(torch.cat([host.to(self.device), device_values])).tolist()  # the step's one read
-        tokens, capacity, samples, sq, loss_global = totals[:5]
+        tokens, capacity, samples, sq, stops, loss_global = totals[:6]
         seconds = time.perf_counter() - t0
         flops = self.flops_per_token * tokens + self.attn_flops_coeff * sq + self.head_flops_per_token * n_global
         return {
             "loss_sum": loss_global, "n_supervised": n_global, "tokens": tokens, "capacity": capacity,
             "samples": samples, "seconds": seconds, "flops": flops, "skipped_micro_batches": skipped,
             "sample_indices": [i for b in micro_batches for i in b.get("sample_indices", [])],
-            "logs": {k: v / self.world for k, v in zip(log_keys, totals[5:])},
+            "logs": {k: v / self.world for k, v in zip(log_keys, totals[6:])}, "stop_requested": stops > 0,
             **self.extra_metrics(micro_batches),
         }
 
@@ -345,6 +363,7 @@ class Trainer:
         interval: list[dict] = []
         last = {}
         metrics_path = self.run_dir / "metrics.jsonl"
+        self.graceful_stop = GracefulStop().install()
         while self.step < t.max_steps:
             self.before_step()
             micro = [next(self.batches) for _ in range(t.grad_accum)]
@@ -360,16 +379,21 @@ class Trainer:
                 progress.update(1)
                 if m["n_supervised"]:
                     progress.set_postfix(loss=f"{m['loss_sum'] / m['n_supervised']:.4f}")
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
+            stop = m["stop_requested"]
+            if self.step % t.log_every == 0 or self.step == t.max_steps or (stop and interval):
                 last = self._log(interval, metrics_path, writer)
                 interval = []
+            if stop:  # every rank agreed in train_step: save this step and leave
+                self.stopped_by = self.graceful_stop.reason or "a signal to another rank"
+                break
             if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
                 self.save()
         if progress is not None:
             progress.close()
         self.save()
-        if t.export:
+        if t.export and self.stopped_by is None:
             self.export()
+        self.graceful_stop.uninstall()
         if writer is not None:
             writer.close()
         return last
@@ -386,7 +410,7 @@ class Trainer:
         tokens = sum(m["tokens"] for m in interval)
         record = {
             "step": self.step,
-            "loss": (sum(m["loss_sum"] for m in interval) / n_sup) if n_sup else float("nan"),
+            "loss": (sum(m["loss_sum"] for m in interval) / n_sup) if n_sup else None,  # null: nothing supervised
             "lr": self.engine.get_lr()[0],
             "tokens": self.totals["tokens"],
             "tokens_per_s": tokens / seconds if seconds else 0.0,
@@ -402,11 +426,13 @@ class Trainer:
         for key in sorted({k for m in interval for k in m["logs"]}):
             values = [m["logs"][key] for m in interval if key in m["logs"]]
             record[key] = sum(values) / len(values)
-        if self.totals["skipped_steps"]:
-            record["skipped_steps"] = self.totals["skipped_steps"]
+        for key in ("skipped_steps", "empty_steps"):
+            if self.totals.get(key):
+                record[key] = self.totals[key]
         stats = self.loader.stats  # samples longer than max_seq_len, per data.overlong (this rank's loader)
-        if stats.n_truncated or stats.n_dropped:
+        if stats.n_truncated or stats.n_dropped or stats.n_unsupervised:
             record["samples_truncated"], record["samples_dropped"] = stats.n_truncated, stats.n_dropped
+            record["samples_unsupervised"] = stats.n_unsupervised  # cut to no supervised token: dropped
         if self.peak_flops:
             record["mfu"] = sum(m["flops"] for m in interval) / seconds / (self.peak_flops * self.world)
         if self.is_main:
@@ -468,9 +494,33 @@ class Trainer:
 
     def save(self) -> Path:
         tag_dir = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.step, self.loop_state(), rank=self.rank,
-                                       keep=self.cfg.trainer.keep_checkpoints, barrier=self.barrier)
+                                       keep=self.cfg.trainer.keep_checkpoints, barrier=self.barrier,
+                                       needed_bytes=self.checkpoint_bytes)
         log.info(f"saved checkpoint {tag_dir}")
         return tag_dir
+
+    def _lock_run_dir(self) -> RunLock | None:
+        """Rank 0 locks the run directory; every rank learns whether another run holds it."""
+        lock, refusal = None, None
+        if self.is_main:
+            lock = RunLock(self.run_dir)
+            try:
+                lock.acquire()
+            except RunDirectoryBusy as e:
+                refusal = str(e)
+        refusals = [r for r in ckpt.gather_objects(refusal) if r]
+        if refusals:
+            raise RunDirectoryBusy(refusals[0])
+        return lock
+
+    def _checkpoint_bytes(self) -> int:
+        """About what one checkpoint takes on disk, all ranks together: the 16-bit or fp32 weights
+        DeepSpeed writes plus the fp32 master weights and Adam's two moments."""
+        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        master = sum(full_numel(p) * 4 for g in inner.param_groups for p in g["params"] if p.numel())
+        weights = model_state_bytes(self.engine)["parameters"]
+        mine = 3 * master + (weights if self.is_main or self.ds_config["zero_optimization"]["stage"] == 3 else 0)
+        return int(all_reduce_sum(mine, self.device))
 
     def _resume(self, tag_dir: Path) -> None:
         state = ckpt.load_checkpoint(self.engine, tag_dir)
@@ -536,10 +586,20 @@ def run_training(cfg: TrainConfig, resume: str | None = None, trainer_class=None
 
     def body() -> int:
         trainer = (trainer_class or Trainer)(cfg, resume=resume)
-        last = trainer.train()
+        try:
+            last = trainer.train()
+        finally:  # a run that failed is not holding the directory either (a kill leaves a stale lock)
+            if trainer.run_lock is not None:
+                trainer.run_lock.release()
+        if trainer.stopped_by is not None:
+            if trainer.is_main:
+                print(f"[train] stopped at step {trainer.step} ({trainer.stopped_by}); checkpoint saved; continue with "
+                      f"--resume auto (exit status {EXIT_STOPPED})", flush=True)
+            return EXIT_STOPPED
         if trainer.is_main:
-            loss = last.get("loss", float("nan"))
-            print(f"[train] done: step {trainer.step}, loss {loss:.4f}; run directory {trainer.run_dir}", flush=True)
+            loss = last.get("loss")
+            loss = "n/a" if loss is None else f"{loss:.4f}"
+            print(f"[train] done: step {trainer.step}, loss {loss}; run directory {trainer.run_dir}", flush=True)
         return 0
 
     return run_cli(body)

@@ -8,9 +8,10 @@
 
 Images are decoded by --workers processes while the encoder runs and shards are written by a
 thread (data/extract_pipeline.py). Resumable: rerun the same command after a kill and it
-continues. Several ranks: under torchrun or the deepspeed launcher each rank takes its share,
-and rank 0 merges every rank's shards into one manifest and verifies them when all are done;
-by hand, --rank r --world-size n per process, then `--merge` once.
+continues from the last commit (every --commit-seconds), producing the same bytes as an
+uninterrupted run. Several ranks: under torchrun or the deepspeed launcher each rank takes its
+share, and rank 0 merges every rank's shards into one manifest and verifies them when all are
+done; by hand, --rank r --world-size n per process, then `--merge` once.
 Prints images/s, the compression ratio (raw RGB bytes / code bytes) and a JSON summary.
 Video records are sampled with --video-max-frames / --video-fps / --video-frame-max-pixels
 (the trainer's data.video.*; each setting keeps its own frames in the cache).
@@ -46,6 +47,8 @@ def main() -> int:
     ap.add_argument("--video-max-frames", type=int, default=32, help="frames per video (data.video.max_frames)")
     ap.add_argument("--video-fps", type=float, default=0.0, help="frames per second, 0: uniform (data.video.fps)")
     ap.add_argument("--video-frame-max-pixels", type=int, default=224 * 224, help="per-frame pixel budget (data.video.frame_max_pixels)")
+    ap.add_argument("--commit-seconds", type=float, default=30.0,
+                    help="commit progress inside the open shard this often: a kill loses at most this much work")
     ap.add_argument("--verify", action="store_true", help="re-read every shard and record, report problems")
     ap.add_argument("--merge", action="store_true", help="only build the manifest from all ranks' shards")
     args = ap.parse_args()
@@ -85,7 +88,7 @@ def main() -> int:
         model, args.tokenizer, load_records(args.data, image_root), args.out, key_root=image_root,
         workers=args.workers, batch_images=args.batch_images, bucket=args.bucket, on_error=args.on_error,
         shard_bytes=args.shard_bytes, rank=args.rank, world_size=args.world_size, video=video,
-        log=lambda m: print(m, file=sys.stderr, flush=True),
+        commit_seconds=args.commit_seconds, log=lambda m: print(m, file=sys.stderr, flush=True),
     )
     if summary["rank"] != 0 and summary.get("merged"):
         return 0  # rank 0 reports the whole run

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,6 +26,7 @@ from .fsq import codebook_stats
 from .image import IMAGE_MEAN, IMAGE_STD, ResizePolicy, describe, preprocess, token_grid
 from .io import atomic_path, atomic_write_json
 from .quantizer import ProximalQuantizer
+from .ranges import ANY_FINITE, at_least, between, positive, range_errors
 from .vit import AnyResViT
 
 CONFIG_NAME = "config.json"
@@ -80,7 +81,19 @@ class ViQConfig:
     image_mean: list[float] = field(default_factory=lambda: list(IMAGE_MEAN))  # pixel normalisation the ViT expects
     image_std: list[float] = field(default_factory=lambda: list(IMAGE_STD))
 
+    RANGES: ClassVar[dict] = {
+        "patch_size": positive(), "merge_size": positive(), "min_pixels": positive(), "max_pixels": positive(),
+        "width": positive(), "depth": positive(), "heads": positive(), "mlp_ratio": positive(), "pos_grid": positive(),
+        "rope_theta": positive(), "norm_eps": positive(), "bottleneck_dim": positive(), "quant_dim": positive(),
+        "quant_heads": positive(), "levels": at_least(2), "feature_dim": positive(),
+        "center_momentum": between(0, 1, high_open=True), "max_tokens_per_batch": positive(), "seed": at_least(0),
+        "mlp_dim": at_least(0), "layer_scale": at_least(0), "image_mean": ANY_FINITE, "image_std": positive(),
+    }
+
     def __post_init__(self):
+        errors = range_errors(self, "viq")
+        if errors:
+            raise ConfigError("\n".join(errors))
         if self.oversize not in ("resize", "error"):
             raise ConfigError(f"viq.oversize must be 'resize' or 'error', got '{self.oversize}'")
         if self.width % self.heads:

@@ -296,6 +296,8 @@ def _release(trainer) -> None:
     if engine is not None and hasattr(engine, "destroy"):
         engine.destroy()
     trainer.engine = trainer.model = trainer._viq = None
+    if getattr(trainer, "run_lock", None) is not None:  # the arm's run directory is free for the next arm
+        trainer.run_lock.release()
     free_memory()
 
 

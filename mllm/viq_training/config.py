@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from mllm.config import TrainConfig
 from viq.config import ConfigError
+from viq.ranges import at_least, between, positive
 
 
 @dataclass
@@ -18,6 +20,8 @@ class PhaseConfig:
     max_pixels: int = 224 * 224
     max_seq_len: int = 2048
     steps: int = 100
+
+    RANGES: ClassVar[dict] = {"max_pixels": positive(), "max_seq_len": positive(), "steps": positive()}
 
 
 @dataclass
@@ -43,6 +47,13 @@ class ViQStageConfig:
     # ---- stage 1 from a pretrained vision tower (viq/towers.py) ------------------------------
     init_vit_from: str = ""  # a local SigLIP / SigLIP2 / InternViT directory: the ViT takes its architecture and weights
     init_vit_layers: int = 0  # keep the tower's first N blocks (0: all); LLaVA-OneVision keeps 26 of SigLIP-so400m's 27
+
+    RANGES: ClassVar[dict] = {
+        "stage": between(1, 2), "ema_decay": between(0, 1), "teacher_resolution": at_least(28),
+        "distill_weight": at_least(0), "vae_weight": at_least(0), "latent_head_hidden": at_least(1),
+        "projector_hidden": at_least(0), "usage_warn_below": between(0, 1), "center_momentum": between(0, 1, high_open=True),
+        "init_vit_layers": at_least(0),
+    }
 
 
 @dataclass

@@ -238,3 +238,18 @@ def test_bench_data_script_reports_packing_loader_and_shards(tmp_path):
         "packing_16384_ge_0.995",
         "loader_ge_200k_tokens_per_s_per_core",
     }
+
+
+def test_a_sample_cut_to_no_supervised_token_is_dropped_and_counted():
+    """Sample 4 (250 tokens, supervision from position 126) cut to 100 would train on nothing."""
+    class WithSupervision(TinyDataset):
+        def first_supervised(self, i):
+            return int(torch.nonzero(self[i]["labels"] != IGNORE_INDEX)[0])
+
+    ds = WithSupervision([10, 300, 20, 30, 250, 5])
+    assert ds.first_supervised(4) == 126 and ds.first_supervised(1) == 2
+    loader = PackedLoader(ds, 100, buffer_size=8, overlong="truncate")
+    batches = collect(loader)
+    assert sorted(i for b in batches for i in b["sample_indices"]) == [0, 1, 2, 3, 5]
+    assert loader.stats.n_unsupervised == 1 and loader.stats.n_truncated == 1 and loader.plan_epoch()[1].n_unsupervised == 1
+    assert all(int(b["n_supervised"]) > 0 for b in batches)
