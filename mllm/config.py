@@ -78,8 +78,8 @@ class DataConfig:
     system_prompt: str = ""  # empty: Qwen2.5's default system prompt
     video: VideoSettings = field(default_factory=VideoSettings)  # frame sampling of video records (data/video.py)
 
-    RANGES: ClassVar[dict] = {"synthetic_n": at_least(1), "max_seq_len": at_least(1), "buffer_size": at_least(1),
-                              "micro_batch_packs": at_least(1)}
+    RANGES: ClassVar[dict] = {"synthetic_n": at_least(1), "synthetic_videos": at_least(0), "max_seq_len": at_least(1),
+                              "buffer_size": at_least(1), "micro_batch_packs": at_least(1)}
 
 
 @dataclass
