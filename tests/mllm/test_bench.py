@@ -85,7 +85,7 @@ def test_bench_rejects_unknown_arm_and_encoder():
     proc = run_bench("--mode", "tiny", "--encoders", "clip-l")
     assert proc.returncode != 0 and "unknown continuous encoder 'clip-l'; valid: internvit-300m" in proc.stderr
     proc = run_bench("--mode", "tiny", "--llm", "nope", "--arms", "codes")
-    assert proc.returncode == 1 and "[bench] nope 1024 codes: FileNotFoundError: 'nope' is neither" in proc.stderr
+    assert proc.returncode == 1 and "[bench] nope 1024 codes: MissingFileError: 'nope' is neither" in proc.stderr
     assert "bench_throughput: 1 arm(s) failed: nope 1024 codes" in proc.stderr
     if not torch.cuda.is_available():
         proc = run_bench("--mode", "paper")

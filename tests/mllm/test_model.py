@@ -340,7 +340,7 @@ def test_presets_match_the_released_parameter_counts():
         assert llm.config.rope_parameters["rope_theta"] == 1e6 and llm.config.rms_norm_eps == 1e-6
     assert preset_config("qwen2.5-7b").tie_word_embeddings is False
     assert preset_config("qwen2.5-0.5b").tie_word_embeddings is True
-    assert set(LLM_PRESETS) == {"qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b", "tiny"}
+    assert set(LLM_PRESETS) == {"qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b", "qwen2.5-72b", "tiny"}
     with pytest.raises(KeyError, match=r"unknown LLM preset 'qwen9'; valid presets: \['qwen2.5-0.5b'"):
         preset_config("qwen9")
     with pytest.raises(ValueError, match="neither a preset"):
