@@ -25,7 +25,8 @@ import torch
 
 from data.chat import IMAGE_PLACEHOLDER, build_prompt
 from data.vocab import ENDOFTEXT_ID, IM_END_ID, SUBCODES
-from mllm.export import MARKER_FILE, load_export, load_viq
+from data.dataset import BLIND_CODE
+from mllm.export import MARKER_FILE, is_blind_export, load_export, load_viq
 from viq.dtypes import default_device, parse_dtype
 from viq.errors import CheckpointError
 
@@ -105,6 +106,7 @@ class MLLMGenerator:
                                                              attn_implementation=attn_implementation)
         # The ViQ encoder stays in float32: codes are integers and fp32 keeps FSQ rounding exact.
         self.viq = load_viq(root, device=self.device)
+        self.blind = is_blind_export(root)  # a blind baseline sees every image as the fixed code it trained on
         self.system = system
         self.batch_size = batch_size
         eos = {IM_END_ID, ENDOFTEXT_ID}
@@ -121,6 +123,8 @@ class MLLMGenerator:
         turns = [human_turn(messages) for messages in messages_batch]
         all_images = [image for _, images in turns for image in images]
         codes = self.viq.encode(all_images) if all_images else []
+        if self.blind:
+            codes = [torch.full_like(c, BLIND_CODE) for c in codes]
         prompts, next_image = [], 0
         for text, images in turns:
             grids = codes[next_image:next_image + len(images)]
