@@ -27,13 +27,15 @@ def main() -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a value of the ablation config, e.g. --set mllm.steps=50 (repeatable)")
     ap.add_argument("--publish", default=None, help="also copy table.md / table.json / table.png into this folder")
+    ap.add_argument("--report-only", action="store_true", help="launch nothing: the table of the rows finished so far")
     args = ap.parse_args()
     setup_logging()
 
     from eval.ablation import AblationRun, load_ablation_config, write_table
 
     cfg = load_ablation_config(args.config, args.overrides)
-    rows = AblationRun(cfg).run()
+    run = AblationRun(cfg)
+    rows = run.finished_rows() if args.report_only else run.run()
     paths = write_table(cfg, rows, cfg.out_dir)
     if args.publish:
         Path(args.publish).mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,7 @@ class AblationConfig:
     out: str = ""  # empty: runs/ablation/<name>
     data_root: str = "runs/data/synthetic"  # data.root of every launch (the synthetic set is generated if missing)
     synthetic_n: int = 600
+    data_train: str = ""  # data.train of every launch: conversations JSONL or a mixture YAML (real data); empty: the synthetic set
     stage1_export: str = ""  # an existing stage-1 export (holding viq/); empty: train one with `stage1`
     stage1: LaunchConfig = field(default_factory=lambda: LaunchConfig("configs/viq/tiny-stage1.yaml"))
     stage2: LaunchConfig = field(default_factory=lambda: LaunchConfig("configs/viq/tiny-stage2.yaml"))

@@ -52,6 +52,8 @@ class AblationRun:
         self.launches = 0
         self.common = [f"data.root={cfg.data_root}", f"data.synthetic_n={cfg.synthetic_n}",
                        "trainer.progress=false", "trainer.tensorboard=false"]
+        if cfg.data_train:
+            self.common.append(f"data.train={cfg.data_train}")
 
     # ---- launches -------------------------------------------------------------------------------
     def _run(self, cmd: list[str], log_name: str) -> float:
@@ -66,8 +68,9 @@ class AblationRun:
             code = subprocess.run(cmd, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT).returncode
         seconds = time.perf_counter() - start
         if code != 0:
-            tail = [line for line in path.read_text(errors="replace").splitlines() if "error" in line.lower()][-1:]
-            raise AblationError(f"{log_name} exited with {code}; see {path}" + (f" ({tail[0].strip()[:300]})" if tail else ""))
+            tail = [line.split(" (VIQ_DEBUG")[0].strip() for line in path.read_text(errors="replace").splitlines()
+                    if "error" in line.lower()][-1:]
+            raise AblationError(f"{log_name} exited with {code}; see {path}" + (f" ({tail[0][:300]})" if tail else ""))
         return seconds
 
     def _train(self, script: str, launch, run_dir: Path, extra: list[str], log_name: str) -> float:
@@ -137,6 +140,7 @@ class AblationRun:
             export = self.mllm(BLIND, reference_viq, blind=True)
         row["mllm_final_loss"] = final_loss(export.parent)
         row["scores"] = self.evaluate(name, export)
+        done.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(done, row, indent=1)
         return row
 
@@ -149,6 +153,12 @@ class AblationRun:
             rows.append(self.row(None, stage1, reference))
         log.info(f"ablation {self.cfg.name}: {len(rows)} rows in {time.perf_counter() - start:.0f} s this run")
         return rows
+
+
+    def finished_rows(self) -> list[dict]:
+        """The rows finished so far, in table order (a report of an ablation still running)."""
+        names = [v.name for v in self.cfg.variants] + ([BLIND] if self.cfg.blind else [])
+        return [read_json(self.out / "rows" / f"{n}.json") for n in names if (self.out / "rows" / f"{n}.json").is_file()]
 
 
 def _metrics(run_dir: Path) -> list[dict]:
