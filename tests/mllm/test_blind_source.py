@@ -24,3 +24,27 @@ def test_blind_source_keeps_the_positions_and_drops_the_image(tmp_path):
         n = sum(int(c.reshape(-1, 4).shape[0]) for c in viq.encode_pixels(a["images"]))
         assert "images" not in b and b["codes"].shape == (n, 4)
         assert torch.equal(b["codes"], fixed.expand(n, 4))
+
+
+def test_blind_export_is_evaluated_with_the_fixed_code(tmp_path):
+    from PIL import Image
+
+    from eval.generate import MLLMGenerator
+    from mllm.export import is_blind_export, save_export
+    from mllm.model import build_mllm
+
+    viq = ViQModel.from_pretrained("viq-tiny")
+    tokenizer, vocab = build_tokenizer("tiny", viq.config)
+    torch.manual_seed(0)
+    model = build_mllm("tiny", vocab)
+    image = Image.fromarray(torch.randint(0, 256, (84, 112, 3), dtype=torch.uint8).numpy())
+    messages = [[{"type": "image", "value": image}, {"type": "text", "value": "What colour?"}]]
+    prompts = {}
+    for source in ("codes", "none"):
+        out = save_export(model, tokenizer, vocab, tmp_path / source, viq, vision_source=source)
+        assert is_blind_export(out) == (source == "none")
+        prompts[source] = MLLMGenerator(out, device="cpu").prepare(messages)[0]
+    seen, blind = prompts["codes"], prompts["none"]
+    assert torch.equal(seen.input_ids, blind.input_ids) and seen.codes.shape == blind.codes.shape == (12, 4)
+    assert torch.equal(blind.codes, vocab.codes_to_ids(torch.full((12, 4), BLIND_CODE)))
+    assert not torch.equal(seen.codes, blind.codes)
