@@ -198,5 +198,3 @@ def code_numbers(codes_dir: Path, viq_dir: Path) -> dict:
     return {"codebook_size": size, "codes_counted": int(codes.numel()), **stats}
 
 
-def flatten_for_json(rows: list[dict]) -> list[dict]:
-    return json.loads(json.dumps(rows))
