@@ -39,21 +39,22 @@ def markdown(cfg: AblationConfig, rows: list[dict], benchmarks: list[str]) -> st
     lines = [
         f"# Ablation `{cfg.name}`",
         "",
-        "| Variant | Avg. | " + " | ".join(names) + " | Codebook usage | Perplexity | VAE-latent loss | Stage-2 s/step | Time vs ref. |",
-        "|---|---:|" + "---:|" * len(names) + "---:|---:|---:|---:|---:|",
+        "| Variant | Avg. | " + " | ".join(names) + " | Codebook usage | Perplexity | VAE-latent loss | Stage-2 s/step | Time vs ref. | MLLM loss |",
+        "|---|---:|" + "---:|" * len(names) + "---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         cells = [r["label"], _fmt(r["avg"], ".1f"), *(_fmt(r["headlines"].get(k), ".1f") for k in benchmarks),
                  _fmt(r.get("codebook_usage"), ".3f"), _fmt(r.get("codebook_perplexity"), ".1f"),
                  _fmt(r.get("vae_latent_loss"), ".4f"), _fmt(r.get("stage2_step_s"), ".2f"),
-                 _fmt(r.get("relative_time"), ".2f")]
+                 _fmt(r.get("relative_time"), ".2f"), _fmt(r.get("mllm_final_loss"), ".3f")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         "Scores are eval.report's headlines (0-100) on the listed benchmarks; `Avg.` their mean. Codebook usage and",
         "perplexity count every code of the variant's code cache; the VAE-latent loss is the mean of stage 2's last",
         "logged values (`-`: that variant trains without it); time is stage 2's mean step time, relative to the",
-        f"first row. The blind row trains and evaluates the MLLM with one fixed code at every image position.",
+        "first row; MLLM loss is the training loss of the MLLM's last logged step. The blind row trains and",
+        "evaluates the MLLM with one fixed code at every image position.",
         "",
         f"Settings: stage 2 `{cfg.stage2.config}` x {cfg.stage2.steps or 'preset'} steps, MLLM `{cfg.mllm.config}` x "
         f"{cfg.mllm.steps or 'preset'} steps, {cfg.ranks} rank(s), eval limit {cfg.eval.limit or 'none'}, "
