@@ -72,11 +72,12 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     variants = [r for r in rows if r["name"] != BLIND]
     blind = next((r for r in rows if r["name"] == BLIND), None)
     fig, (ax_score, ax_use) = plt.subplots(1, 2, figsize=(10, 3.8))
-    labels = [r["label"] for r in variants]
+    labels = [r["name"] for r in variants]  # the short names: the long labels are in table.md
     ax_score.bar(labels, [r["avg"] or 0 for r in variants], color="tab:blue")
     if blind is not None and blind["avg"] is not None:
         ax_score.axhline(blind["avg"], color="tab:red", linestyle="--", label=f"blind baseline {blind['avg']:.1f}")
         ax_score.legend(loc="lower right")
+    ax_score.set_ylim(0, max([1.0] + [(r["avg"] or 0) * 1.15 for r in rows]))
     ax_score.set_ylabel("average score (0-100)")
     ax_score.set_title("MLLM score per tokenizer variant")
     ax_use.bar(labels, [r.get("codebook_usage") or 0 for r in variants], color="tab:green")
