@@ -33,8 +33,11 @@ from viq.errors import ConfigError
 from viq.image import ImageInputError, ResizePolicy, preprocess, token_grid
 
 _EXIF_SWAPS_SIDES = {5, 6, 7, 8}
-# Where the image positions' codes come from: the code cache, or the ViQ encoder in the loop.
-VISION_SOURCES = ("codes", "online")
+# Where the image positions' codes come from: the code cache, or the ViQ encoder in the loop;
+# `none` is the blind baseline: the image positions stay (grid from the image header, as online)
+# but every sub-code is BLIND_CODE, so the model can only learn the text prior.
+VISION_SOURCES = ("codes", "online", "none")
+BLIND_CODE = 0
 
 
 def image_key(ref, record_id: str, k: int, image_root: str | os.PathLike | None) -> str:
@@ -89,8 +92,8 @@ class ConversationDataset:
             raise ConfigError(f"vision.source must be one of {', '.join(VISION_SOURCES)}, got '{source}'")
         if source == "codes" and code_store is None:
             raise ValueError("source 'codes' needs a code store (data.shards.CodeStore)")
-        if source == "online" and resize_policy is None:
-            raise ValueError("source 'online' needs the ViQ resize policy")
+        if source in ("online", "none") and resize_policy is None:
+            raise ValueError(f"source '{source}' needs the ViQ resize policy")
         self.tokenizer, self.vocab, self.source = tokenizer, vocab, source
         self.image_root, self.code_store, self.policy, self.system = image_root, code_store, resize_policy, system
         self.records: list[ConversationRecord] = []
@@ -182,6 +185,9 @@ class ConversationDataset:
             parts = [self.code_store.get(key).reshape(-1, SUBCODES) for key in self.keys[index]]
             codes = torch.cat(parts) if parts else torch.zeros((0, SUBCODES), dtype=torch.long)
             out["codes"] = self.vocab.codes_to_ids(codes)
+        elif self.source == "none":
+            n = sum(h * w for h, w in grids)
+            out["codes"] = self.vocab.codes_to_ids(torch.full((n, SUBCODES), BLIND_CODE, dtype=torch.long))
         else:
             plan = self.video_plans.get(index)
             pixels = (self.videos.pixels(record.video, plan, self.keys[index]) if plan is not None

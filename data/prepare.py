@@ -82,7 +82,7 @@ def prepare_training_data(cfg, viq_cfg, *, rank: int, barrier, get_viq, log=logg
     if not path.exists():
         raise MissingFileError(f"data.train: {path} does not exist")
     records, image_root = load_training_records(cfg, cfg.trainer.seed)
-    if cfg.vision.source == "online":
+    if cfg.vision.source in ("online", "none"):  # none: the blind baseline needs no codes
         return records, image_root, None
     codes_dir = default_codes_dir(cfg)
     manifest = codes_dir / "manifest.json"

@@ -28,7 +28,8 @@ import torch
 from data.chat import IMAGE_PLACEHOLDER, build_prompt
 from data.video import frame_layout, frame_pixels, plan_frames, read_video_settings, video_label
 from data.vocab import ENDOFTEXT_ID, IM_END_ID, SUBCODES
-from mllm.export import MARKER_FILE, load_export, load_viq
+from data.dataset import BLIND_CODE
+from mllm.export import MARKER_FILE, is_blind_export, load_export, load_viq
 from viq.dtypes import default_device, parse_dtype
 from viq.errors import CheckpointError
 
@@ -116,6 +117,7 @@ class MLLMGenerator:
         # The ViQ encoder stays in float32: codes are integers and fp32 keeps FSQ rounding exact.
         self.viq = load_viq(root, device=self.device)
         self.video = read_video_settings(root)
+        self.blind = is_blind_export(root)  # a blind baseline sees every image as the fixed code it trained on
         self.system = system
         self.batch_size = batch_size
         eos = {IM_END_ID, ENDOFTEXT_ID}
@@ -139,6 +141,8 @@ class MLLMGenerator:
         else:
             all_images = [image for _, images in turns for image in images]
             codes = self.viq.encode(all_images) if all_images else []
+        if self.blind:
+            codes = [torch.full_like(c, BLIND_CODE) for c in codes]
         prompts, next_image = [], 0
         for text, images in turns:
             grids = codes[next_image:next_image + len(images)]

@@ -58,7 +58,7 @@ class ModelConfig:
 
 @dataclass
 class VisionConfig:
-    source: str = "codes"  # codes: read cached shards | online: run the ViQ encoder in the loop
+    source: str = "codes"  # codes: read cached shards | online: run the ViQ encoder in the loop | none: blind baseline (one fixed code)
     codes_dir: str = ""  # default: <data.root>/codes-<viq name>
     extract_if_missing: bool = True  # extract codes before training when the cache is absent
 

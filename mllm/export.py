@@ -104,6 +104,7 @@ def save_export(
     viq_dir_or_config=None,
     *,
     state_dict: dict[str, torch.Tensor] | None = None,
+    vision_source: str = "codes",
 ) -> Path:
     """Write `out_dir` atomically (built beside it, then renamed into place).
 
@@ -113,7 +114,8 @@ def save_export(
     own parameters, e.g. the 16-bit consolidated weights of a ZeRO-3 run (call on one rank).
     The export always has the standard HF layout: LoRA adapters (mllm.lora) are folded into their
     layers and split vocabulary tables (ViQMLLM.split_code_rows) merged, in the model or in
-    `state_dict`; the live model is untouched.
+    `state_dict`; the live model is untouched. vision_source "none" (the blind baseline) is recorded
+    in the marker so that evaluation feeds the same fixed code the model was trained on.
     """
     lora = has_lora(model.llm)
     if state_dict is None and (model.code_rows_split or lora):
@@ -128,6 +130,8 @@ def save_export(
     out, partial = Path(out_dir), staging_dir(out_dir)
     model.llm.save_pretrained(partial, state_dict=llm_state)
     marker = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "subcodes": SUBCODES, "hidden_size": model.merger.hidden_size}
+    if vision_source == "none":
+        marker["vision_source"] = "none"
     write_companions(partial, merger_state, vocab, marker, tokenizer, viq_dir_or_config)
     return publish(partial, out)
 
@@ -208,6 +212,11 @@ def load_export(
     model.merger.load_state_dict(load_file(str(root / MERGER_FILE)))
     model.to(device=device).eval()
     return model, load_tokenizer(root), vocab
+
+
+def is_blind_export(export_dir: str | Path) -> bool:
+    """True for the export of a blind-baseline run (vision.source none): its images are one fixed code."""
+    return json.loads((Path(export_dir) / MARKER_FILE).read_text()).get("vision_source") == "none"
 
 
 def read_vocab(root: Path) -> CodeVocab:

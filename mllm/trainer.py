@@ -539,7 +539,8 @@ class Trainer:
         stage = self.ds_config["zero_optimization"]["stage"]
         state = self.engine._zero3_consolidated_16bit_state_dict() if stage == 3 else None  # collective: every rank
         if self.is_main:
-            save_export(self.model, self.tokenizer, self.vocab, out, self.viq, state_dict=state)
+            save_export(self.model, self.tokenizer, self.vocab, out, self.viq, state_dict=state,
+                        vision_source=self.cfg.vision.source)
             write_video_settings(out, self.cfg.data.video)
             if self.cfg.model.lora.export_adapter:
                 from mllm.lora_export import save_adapter_export

@@ -8,7 +8,9 @@ Every image is centre-cropped to 256 x 256 (ADM's recipe), encoded to codes and 
 metrics compare each reconstruction with the same crop (rFID against the crops, never against
 training-set statistics). Prints one JSON object and writes it to OUT/metrics.json, plus
 OUT/grid.png (originals on top, reconstructions below). FID over a few images is meaningless
-(see docs/reconstruction.md).
+(see docs/reconstruction.md). Unless --no-jpeg: the codes' bits per pixel (fixed length and
+empirical entropy), JPEG at the same bitrate per image (PSNR / SSIM / rFID) and
+OUT/rate_distortion.png (the JPEG curve over qualities and the codes' point).
 """
 import argparse
 import json
@@ -36,6 +38,8 @@ def main() -> int:
     ap.add_argument("--tokens-per-side", type=int, default=16,
                     help="feed the crop at N*28 px (N x N tokens); 0 lets the tokenizer's resize policy choose")
     ap.add_argument("--device", default=None, help="default: cpu")
+    ap.add_argument("--no-jpeg", action="store_true",
+                    help="skip the codes-vs-JPEG comparison (bits per pixel, JPEG at the same bitrate, rate_distortion.png)")
     args = ap.parse_args()
     setup_logging(stream=sys.stderr)  # stdout is the JSON result
 
@@ -44,7 +48,7 @@ def main() -> int:
     result = evaluate_reconstruction(
         args.tokenizer, args.images, out_dir=args.out, limit=args.limit, batch=args.batch,
         fid_weights=args.fid_weights, compute_fid=not args.no_fid, image_size=args.image_size,
-        tokens_per_side=args.tokens_per_side or None, device=args.device,
+        tokens_per_side=args.tokens_per_side or None, device=args.device, compare_jpeg=not args.no_jpeg,
     )
     print(json.dumps(result, indent=2))
     return 0

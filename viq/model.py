@@ -10,6 +10,7 @@ sub-codes are ordered (0,0), (0,1), (1,0), (1,1) within the token's 2x2 block.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -25,7 +26,7 @@ from .errors import CheckpointError
 from .fsq import codebook_stats
 from .image import IMAGE_MEAN, IMAGE_STD, ResizePolicy, describe, preprocess, token_grid
 from .io import atomic_path, atomic_write_json
-from .quantizer import ProximalQuantizer
+from .quantizer import ProximalQuantizer, QuantConfig
 from .ranges import ANY_FINITE, at_least, between, positive, range_errors
 from .vit import AnyResViT
 
@@ -81,6 +82,10 @@ class ViQConfig:
     image_mean: list[float] = field(default_factory=lambda: list(IMAGE_MEAN))  # pixel normalisation the ViT expects
     image_std: list[float] = field(default_factory=lambda: list(IMAGE_STD))
 
+    # ---- quantiser ablation switches (viq/quantizer.py QuantConfig; docs/ablation.md). The defaults
+    # are the paper's quantiser; a config without `quant` builds exactly the same model.
+    quant: QuantConfig = field(default_factory=QuantConfig)
+
     RANGES: ClassVar[dict] = {
         "patch_size": positive(), "merge_size": positive(), "min_pixels": positive(), "max_pixels": positive(),
         "width": positive(), "depth": positive(), "heads": positive(), "mlp_ratio": positive(), "pos_grid": positive(),
@@ -117,6 +122,8 @@ class ViQConfig:
 
     @property
     def codebook_size(self) -> int:
+        if self.quant.kind == "simvq" and self.quant.simvq_codebook_size:
+            return self.quant.simvq_codebook_size
         return math.prod(self.levels)
 
     @property
@@ -178,7 +185,7 @@ VIQ_PRESETS: dict[str, ViQConfig] = {
 def get_preset(name: str) -> ViQConfig:
     if name not in VIQ_PRESETS:
         raise ConfigError(f"unknown ViQ preset '{name}'; valid presets: {', '.join(VIQ_PRESETS)}")
-    return replace(VIQ_PRESETS[name])
+    return copy.deepcopy(VIQ_PRESETS[name])  # deep: the nested `quant` is not shared with the preset
 
 
 class ViQModel(nn.Module):
@@ -235,7 +242,8 @@ class ViQModel(nn.Module):
         # Non-persistent buffers are not in the checkpoint; recompute them after a meta-device load.
         from .fsq import FSQ
 
-        self.quantizer.fsq = FSQ(self.config.levels)
+        if self.config.quant.kind == "fsq":  # SimVQ's codebook is persistent: loaded with the weights
+            self.quantizer.fsq = FSQ(self.config.levels)
 
     def save_pretrained(self, path: str | os.PathLike):
         """Weights, then config.json, each written atomically: a crash leaves the previous files."""
@@ -258,8 +266,8 @@ class ViQModel(nn.Module):
         """Training forward over preprocessed images [3, H, W].
 
         Returns features [N, C] (continuous, merged tokens), quantized [N, F], bottleneck
-        [N, D], class_tokens [n, C], indices [N, 4], grids [(h, w)], cu_seqlens [n+1]
-        and codebook statistics.
+        [N, D] (None with quant.proximal false), class_tokens [n, C], indices [N, 4], grids
+        [(h, w)], cu_seqlens [n+1], codebook statistics, and commit_loss with quant.kind simvq.
         """
         tokens, cls, grids = self.vit(pixel_list)
         counts = torch.tensor([h * w for h, w in grids], device=tokens.device)
@@ -275,6 +283,7 @@ class ViQModel(nn.Module):
             "grids": grids,
             "cu_seqlens": cu,
             "stats": codebook_stats(q["indices"], self.codebook_size),
+            **({"commit_loss": q["commit_loss"]} if "commit_loss" in q else {}),
         }
 
     @torch.no_grad()
@@ -313,4 +322,4 @@ class ViQModel(nn.Module):
 
     def codebook_vectors(self, chunk: int = 65536) -> torch.Tensor:
         """The implicit FSQ codebook as code values [K, L] (chunked; K = prod(levels))."""
-        return torch.cat([c for _, c in self.quantizer.fsq.iter_codebook(chunk)])
+        return torch.cat([c for _, c in self.quantizer.code_quantizer.iter_codebook(chunk)])

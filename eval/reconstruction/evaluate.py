@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from eval.reconstruction.jpeg import JpegComparison
 from eval.reconstruction.inception import FID_FEATURE_DIM, InceptionFeatures, default_fid_weights
 from eval.reconstruction.metrics import PSNR_CAP_DB, ReconstructionError, frechet_distance, psnr, ssim
 from viq.io import atomic_write
@@ -73,6 +74,7 @@ def evaluate_reconstruction(
     tokens_per_side: int | None = 16,
     grid_pairs: int = 8,
     device: str | None = None,
+    compare_jpeg: bool = True,
 ) -> dict:
     """Centre-crop every image to image_size (ADM), encode to ViQ codes, decode, and score the
     reconstructions against the same crops: mean PSNR, mean SSIM and rFID.
@@ -80,6 +82,8 @@ def evaluate_reconstruction(
     The crop is fed to the tokenizer at tokens_per_side * 28 px (16 -> 448 px, 16 x 16 tokens; None
     lets the tokenizer's resize policy choose) and the reconstruction is resized (bicubic) back to
     image_size before scoring. Writes metrics.json and grid.png under out_dir when given.
+    compare_jpeg adds the codes' bits per pixel and JPEG at the same bitrate (eval/reconstruction/jpeg.py)
+    as result["vs_jpeg"], and rate_distortion.png under out_dir.
     """
     from viq.decoder import ViQDecoder
     from viq.model import ViQModel
@@ -90,6 +94,8 @@ def evaluate_reconstruction(
     decoder = ViQDecoder.from_pretrained(tokenizer, device=device)
     viq = ViQModel.from_pretrained(tokenizer, device=device)
     extractor = InceptionFeatures.from_weights(fid_weights or default_fid_weights(), device) if compute_fid else None
+    jpeg = JpegComparison(viq.codebook_size) if compare_jpeg else None
+    feats_jpeg = []
 
     psnrs, ssims, feats_in, feats_out, shown_in, shown_out, grids = [], [], [], [], [], [], []
     for start in range(0, len(paths), batch):
@@ -104,9 +110,13 @@ def evaluate_reconstruction(
         recons = [_resize_uint8(r, image_size) for r in decoder.decode_codes(viq, codes)]
         psnrs += [psnr(a, b) for a, b in zip(crops, recons)]
         ssims += [ssim(a, b) for a, b in zip(crops, recons)]
+        if jpeg is not None:
+            jpeg.add(crops, codes, keep_images=extractor is not None)
         if extractor is not None:
             feats_in.append(extractor.features(crops, batch))
             feats_out.append(extractor.features(recons, batch))
+            if jpeg is not None:
+                feats_jpeg.append(extractor.features(jpeg.take_matched_images(), batch))
         room = grid_pairs - len(shown_in)
         shown_in += crops[:room]
         shown_out += recons[:room]
@@ -133,9 +143,15 @@ def evaluate_reconstruction(
             )
     else:
         result["rfid_note"] = "not computed (--no-fid)"
+    if jpeg is not None:
+        result["vs_jpeg"] = jpeg.result(result["psnr"], result["ssim"], np.concatenate(feats_in) if feats_jpeg else None,
+                                        np.concatenate(feats_jpeg) if feats_jpeg else None)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        if jpeg is not None:
+            JpegComparison.plot(result["vs_jpeg"], out / "rate_distortion.png", f"codes vs JPEG, {n} images")
+            result["rate_distortion_png"] = str(out / "rate_distortion.png")
         atomic_write(out / "metrics.json", json.dumps(result, indent=2) + "\n")
         save_comparison_grid(shown_in, shown_out, out / "grid.png")
         result["grid_png"] = str(out / "grid.png")

@@ -10,6 +10,7 @@ from typing import ClassVar
 
 from mllm.config import TrainConfig
 from viq.config import ConfigError
+from viq.quantizer import QuantConfig
 from viq.ranges import at_least, between, positive
 
 
@@ -47,6 +48,11 @@ class ViQStageConfig:
     # ---- stage 1 from a pretrained vision tower (viq/towers.py) ------------------------------
     init_vit_from: str = ""  # a local SigLIP / SigLIP2 / InternViT directory: the ViT takes its architecture and weights
     init_vit_layers: int = 0  # keep the tower's first N blocks (0: all); LLaVA-OneVision keeps 26 of SigLIP-so400m's 27
+
+    # ---- stage 2: the quantiser it trains (ablation switches, docs/ablation.md) ----------------
+    # Replaces the stage-1 tokenizer's `quant` section; the defaults are the paper's quantiser, and a
+    # quantiser whose switches differ from the stage-1 tokenizer's is built new (seeded by viq.seed).
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
     RANGES: ClassVar[dict] = {
         "stage": between(1, 2), "ema_decay": between(0, 1), "teacher_resolution": at_least(28),

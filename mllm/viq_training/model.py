@@ -122,6 +122,9 @@ class ViQTrainModel(nn.Module):
             logs.update(out["stats"])
         lm = self.mllm({**batch, "codes": None, "image_embeds": self.projector(features)})
         aux = lm["loss_sum"].new_zeros(())
+        if self.stage == 2 and "commit_loss" in out:  # quant.kind simvq: codebook and commitment terms
+            aux = aux + self.viq.config.quant.commit_weight * out["commit_loss"]
+            logs["commit_loss"] = float(out["commit_loss"].detach())
         if self.teacher is not None and self.cfg.distill_weight:
             distill = (1 - F.cosine_similarity(cls.float(), self._teacher_cls(pixels).float(), dim=-1)).mean()
             aux = aux + self.cfg.distill_weight * distill

@@ -79,6 +79,8 @@ class ViQTrainer(Trainer):
         """With viq_train.init_vit_from, model.viq's configuration with the tower's ViT architecture."""
         base = super().build_viq_config()
         v = self.cfg.viq_train
+        if v.stage == 2:  # the quantiser stage 2 trains: its switches set the code layout too (SimVQ's size)
+            base.quant = replace(v.quant)
         if not v.init_vit_from:
             return base
         from viq.towers import read_tower
@@ -107,6 +109,8 @@ class ViQTrainer(Trainer):
             viq = self._tower_initialised_viq()
         else:
             viq = ViQModel.from_pretrained(self.cfg.model.viq, device=self.device)
+            if v.stage == 2 and viq.config.quant != v.quant:
+                self._switch_quantizer(viq)
         init_llm = Path(v.init_from) / "llm" if v.stage == 2 else None
         if init_llm is not None and init_llm.is_dir():
             from mllm.export import load_export
@@ -118,7 +122,7 @@ class ViQTrainer(Trainer):
         else:
             mllm = super().build_model()
         decoder = None
-        if v.stage == 2:
+        if v.stage == 2 and v.vae_weight > 0:  # vae_weight 0: neither the VAE nor the latent head exists
             from viq.decoder import ViQDecoder, tiny_vae
 
             vae = tiny_vae(self.cfg.trainer.seed) if v.vae == "tiny" else v.vae
@@ -134,6 +138,19 @@ class ViQTrainer(Trainer):
             # The stage-1 projector read continuous features; stage 2 feeds quantised ones to a new one.
             log.info(f"stage 2 from {v.init_from}: ViQ{' and LLM' if init_llm.is_dir() else ''} weights loaded")
         return model
+
+    def _switch_quantizer(self, viq) -> None:
+        """A new quantiser with viq_train.quant's switches (the stage-1 one is untrained anyway)."""
+        from viq.quantizer import ProximalQuantizer
+
+        old = viq.config.quant
+        viq.config.quant = replace(self.cfg.viq_train.quant)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(viq.config.seed)
+            viq.quantizer = ProximalQuantizer(viq.config).to(self.device)
+        changed = {k: (getattr(old, k), getattr(viq.config.quant, k)) for k in vars(old)
+                   if getattr(old, k) != getattr(viq.config.quant, k)}
+        log.info("stage 2: quantiser built with viq_train.quant: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
 
     @torch.no_grad()
     def _center_bottleneck(self, viq, n_samples: int = 64) -> None:

@@ -269,6 +269,14 @@ def test_eval_reconstruction_end_to_end(tokenizer_with_decoder, weights_path):
     assert result["rfid"] > 0 and "4 < 2048 images" in result["rfid_note"]
     with Image.open(out / "grid.png") as grid:
         assert grid.size == (4 * 64, 2 * 64)
+    # codes vs JPEG: 4 x 4 tokens x 4 sub-codes x log2(1000) bits over 64 x 64 scored pixels
+    vs = result["vs_jpeg"]
+    assert vs["codes"]["bpp_fixed_length"] == pytest.approx(64 * math.log2(1000) / 4096)
+    assert 0 < vs["codes"]["bpp_entropy"] <= vs["codes"]["bpp_fixed_length"] + 1e-9
+    assert vs["codes"]["psnr"] == result["psnr"] and len(vs["jpeg_matched"]["qualities"]) == 4
+    assert vs["jpeg_matched"]["rfid"] > 0 and [p["quality"] for p in vs["jpeg_curve"]][:2] == [1, 2]
+    with Image.open(out / "rate_distortion.png") as plot:
+        assert plot.size[0] > 0
 
 
 def test_eval_reconstruction_one_line_errors(tokenizer_with_decoder, tmp_path):
