@@ -150,11 +150,15 @@ def model_state_bytes(engine) -> dict[str, int]:
         add("parameters", p.data)
         add("parameters", getattr(p, "ds_tensor", None))
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    for group in inner.param_groups:
-        for p in group["params"]:
-            add("optimizer", p.data)
-            for value in inner.state.get(p, {}).values():
-                add("optimizer", value)
+    # ZeRO-3 empties the inner optimizer's param groups between steps (it puts one fp32 partition
+    # back for the duration of its step), so its partitions and their state are read from the
+    # state table and from the ZeRO-3 optimizer itself.
+    masters = [p for group in inner.param_groups for p in group["params"]]
+    masters += list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))
+    for p in masters + list(inner.state):
+        add("optimizer", p.data)
+        for value in inner.state.get(p, {}).values():
+            add("optimizer", value)
     out = {"parameters": 0, "optimizer": 0}
     for kind, nbytes in seen.values():
         out[kind] += nbytes

@@ -55,9 +55,10 @@ class QuantConfig:
     def __post_init__(self):
         if self.kind not in QUANTIZER_KINDS:
             raise ConfigError(f"viq.quant.kind is '{self.kind}'; valid values: {', '.join(QUANTIZER_KINDS)}")
-        if self.simvq_codebook_size < 0 or self.simvq_codebook_size == 1 or self.simvq_dim < 1:
-            raise ConfigError(f"viq.quant.simvq_codebook_size must be 0 or >= 2 and simvq_dim >= 1, got "
-                              f"{self.simvq_codebook_size} / {self.simvq_dim}")
+        # negative sizes are range errors (RANGES, reported with every other bad value at load);
+        # a one-code book is the one value a range cannot exclude
+        if self.simvq_codebook_size == 1:
+            raise ConfigError("viq.quant.simvq_codebook_size must be 0 (prod(levels)) or >= 2, got 1")
 
 
 def linf_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -102,9 +102,8 @@ def test_zero3_run_built_partitioned_equals_zero2_through_save_resume_and_export
     memory = json.loads((zero2_run / "memory.json").read_text())
     assert abs(memory["measured_states"] / memory["planned_states"] - 1) <= 0.15, memory
     memory = json.loads((run / "memory.json").read_text())
-    if abs(memory["measured_states"] / memory["planned_states"] - 1) > 0.15:
-        pytest.xfail(f"known defect: mllm.engine.model_state_bytes finds no optimizer state under ZeRO-3 "
-                     f"(measured {memory['measured']}, planned states {memory['planned_states']:.0f} bytes)")
+    assert memory["measured"]["optimizer"] > 0, memory  # ZeRO-3 keeps its fp32 partitions outside the param groups
+    assert abs(memory["measured_states"] / memory["planned_states"] - 1) <= 0.15, memory
 
 
 @pytest.mark.slow
@@ -173,9 +172,10 @@ def test_zero3_construction_pitfalls_and_fused_loss(checkpoints, tmp_path):
         # a preset is initialised on rank 0 (std of Qwen2.5's initializer_range), the same on every rank
         assert facts["preset_same_on_all_ranks"] and 0.015 < facts["preset_q_std"] < 0.025
         assert facts["preset_new_rows_std"] > 1e-4
-        # the fused loss under ZeRO-3 trains like the chunked one
+        # the fused loss under ZeRO-3 trains like the chunked one: the same losses over 3 steps and
+        # the same reduced gradients, the head's and the code rows' included
         for fused, chunked in zip(facts["fused_losses"], facts["chunked_losses"]):
             assert fused == pytest.approx(chunked, rel=1e-5)
-        if facts["fused_vs_chunked_max_rel"] >= 1e-4:
-            pytest.xfail(f"known defect: under ZeRO-3 the fused loss's weights after 3 steps differ from the chunked "
-                         f"loss's (max relative difference {facts['fused_vs_chunked_max_rel']:.3g}; losses agree)")
+        grad_rel = facts["fused_vs_chunked_grad_rel"]
+        assert any("code_rows" in name for name in grad_rel) and any("lm_head" in name for name in grad_rel), sorted(grad_rel)
+        assert max(grad_rel.values()) < 1e-4, grad_rel
