@@ -29,7 +29,7 @@ def init_distributed() -> tuple[int, int, int]:
 
     if "RANK" not in os.environ:  # run as plain `python`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not torch.cuda.is_available():
         # DeepSpeed JIT-compiles a shared-memory all-reduce kernel for CPU ranks on first use: a
@@ -46,7 +46,8 @@ def init_distributed() -> tuple[int, int, int]:
     return rank, world, local_rank
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a lone process's rendezvous, or a launcher's --master_port)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mllm.engine import free_port
 from data.conversations import load_records
 from data.extract_pipeline import extract_pipeline
 from data.shards import CodeStore, done_keys
@@ -71,7 +72,7 @@ def launch_extraction(train: Path, out: Path, port: int, *, wait: bool):
 def test_two_ranks_under_the_launcher_split_merge_and_resume_after_a_kill(viq, tmp_path):
     train = make_colour_dataset(tmp_path / "d", n=40)
     out = tmp_path / "codes"
-    port = 29500 + os.getpid() % 1000 + 7
+    port = free_port()
     proc = launch_extraction(train, out, port, wait=False)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not list(out.glob("codes-*.idx.json")):
@@ -81,7 +82,7 @@ def test_two_ranks_under_the_launcher_split_merge_and_resume_after_a_kill(viq, t
     partial = done_keys(out)
     assert 0 < len(partial) < 40, f"the kill should land mid-run; {len(partial)} of 40 images were done"
     assert not (out / "manifest.json").exists()
-    finished = launch_extraction(train, out, port + 1, wait=True)
+    finished = launch_extraction(train, out, free_port(), wait=True)
     assert finished.returncode == 0, finished.stderr[-3000:]
     report = finished.stdout[finished.stdout.index("images encoded at"):]  # rank 0 alone reports, for both ranks
     report = report[report.index("\n") + 1:]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mllm.engine import free_port
 from eval.ablation import load_ablation_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,7 +36,7 @@ def test_two_step_ablation_with_blind_baseline(tmp_path):
     # A stage-1 export needs only viq/ (stage 2 builds a new LLM when llm/ is absent); the preset stands in
     # for a trained ViT, which the ablation's own stage-1 launch (configs/ablation/tiny.yaml) provides.
     ViQModel.from_pretrained("viq-tiny").save_pretrained(tmp_path / "stage1" / "viq")
-    port = 29500 + (os.getpid() * 7) % 900
+    port = free_port()
     config = tmp_path / "ci.yaml"
     config.write_text(yaml.safe_dump({
         "name": "ci", "out": str(tmp_path / "out"), "data_root": str(tmp_path / "data"), "synthetic_n": 24,

@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mllm.engine import free_port
 from data.chat import build_prompt
 from data.synthetic import make_synthetic_dataset
 from data.tokenizer import build_tokenizer
@@ -181,9 +181,7 @@ def test_resume_generates_only_what_is_missing(setup, clean_run):
 def test_two_ranks_shard_and_merge_to_the_single_process_file(setup, clean_run):
     clean_out, _ = clean_run
     out = setup['root'] / 'sharded'
-    with socket.socket() as probe:   # a free port: other test runs may hold the default one
-        probe.bind(('127.0.0.1', 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # other test runs may hold the default one
     torchrun = [str(Path(sys.executable).with_name('torchrun')), '--nproc_per_node', '2', '--master_port', str(port)]
     summary = run_cli(setup, out, launcher=torchrun)
     for key in KEYS:

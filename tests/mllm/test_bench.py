@@ -10,6 +10,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from mllm.engine import free_port
 from mllm.bench.encoders import CONTINUOUS_ENCODERS, ContinuousEncoder, build_projector, encoder_forward_flops, merge_patches
 
 REPO = Path(__file__).resolve().parents[2]
@@ -149,7 +150,7 @@ def test_paper_encoders_are_the_released_towers():
 
 def test_bench_under_the_deepspeed_launcher_counts_every_rank(tmp_path):
     deepspeed = str(Path(sys.executable).with_name("deepspeed"))
-    port = str(29500 + (os.getpid() + 500) % 1000)
+    port = str(free_port())
     proc = subprocess.run(
         [deepspeed, "--num_gpus", "2", "--master_port", port, "scripts/bench_throughput.py", "--mode", "tiny",
          "--steps", "1", "--warmup", "1", "--arms", "codes,siglip-tiny_trainable", "--out-dir", str(tmp_path)],

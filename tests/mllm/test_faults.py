@@ -25,16 +25,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from mllm.engine import free_port
 from tests.fixtures import make_colour_dataset
 from tests.mllm.test_train import DEEPSPEED, FAST, REPO, metrics
 
 EXIT_STOPPED = 75
-
-
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _env(ranks: int) -> dict:
@@ -44,7 +39,7 @@ def _env(ranks: int) -> dict:
 
 
 def _command(args, ranks):
-    return [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", _port(), "scripts/train_mllm.py", *args]
+    return [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "scripts/train_mllm.py", *args]
 
 
 def run(args, *, ranks=1, timeout=600):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from mllm.engine import free_port
 from tests.fixtures import make_colour_dataset
 from tests.mllm.test_train import DEEPSPEED, FAST, REPO, launch, metrics
 
@@ -71,7 +72,7 @@ def tensor_shapes(path) -> dict:
 
 def kill_after_checkpoint(args, run_dir, step: int) -> None:
     """Start a long run, SIGKILL its whole launcher tree once checkpoint `step` is complete."""
-    port = str(29800 + os.getpid() % 150)
+    port = str(free_port())
     proc = subprocess.Popen([DEEPSPEED, "--num_gpus", "1", "--master_port", port, "scripts/train_mllm.py", *args,
                              "--run-dir", str(run_dir), "--max-steps", "60", "--save-every", str(step)],
                             cwd=REPO, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"), stdout=subprocess.DEVNULL,

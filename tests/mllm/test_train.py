@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from mllm.engine import free_port
 from tests.fixtures import make_colour_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,7 +21,7 @@ FAST = ["--set", "data.max_seq_len=1024", "--set", "data.buffer_size=16", "--set
 def launch(args, *, ranks=1, timeout=600, check=True, env_extra=None):
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1" if ranks > 1 else "2")
     env.update(env_extra or {})
-    port = str(29500 + os.getpid() % 1000)
+    port = str(free_port())
     cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", port, "scripts/train_mllm.py", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
@@ -80,7 +81,7 @@ def test_resume_after_kill_continues_with_the_exact_next_batch(colour_data, tmp_
 
     killed = tmp_path / "killed"
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    port = str(29700 + os.getpid() % 200)
+    port = str(free_port())
     proc = subprocess.Popen(
         [DEEPSPEED, "--num_gpus", "1", "--master_port", port, "scripts/train_mllm.py", *common,
          "--run-dir", str(killed), "--max-steps", "60", "--save-every", "3"],

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mllm.engine import free_port
 from data.packing import collate_packed
 from data.tokenizer import build_tokenizer
 from mllm.model import build_mllm
@@ -118,7 +119,7 @@ def test_tokenizer_training_presets_load_and_validate(name):
 
 def launch_viq(args, timeout=900):
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    port = str(29300 + os.getpid() % 200)
+    port = str(free_port())
     proc = subprocess.run([DEEPSPEED, "--num_gpus", "1", "--master_port", port, "scripts/train_viq.py", *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mllm.engine import free_port
 from tests.fixtures import make_colour_dataset
 from tests.mllm.test_train import DEEPSPEED, FAST, REPO, launch, metrics
 
@@ -115,7 +116,7 @@ def test_two_nodes_equal_one_node(common, zero3_run, tmp_path):
     run = tmp_path / "run"
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-    port = str(29300 + os.getpid() % 150)
+    port = str(free_port())
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     procs = []
     for node in (0, 1):
@@ -146,7 +147,7 @@ def test_two_nodes_equal_one_node(common, zero3_run, tmp_path):
 def test_zero3_construction_pitfalls_and_fused_loss(checkpoints, tmp_path):
     """tests/mllm/zero3_worker.py on two ranks: each pitfall of building under ZeRO-3, and the
     fused cross-entropy under ZeRO-3 against the chunked one."""
-    port = str(29450 + os.getpid() % 40)
+    port = str(free_port())
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     proc = subprocess.run([DEEPSPEED, "--num_gpus", "2", "--master_port", port, "tests/mllm/zero3_worker.py",
                            str(checkpoints[False]), str(tmp_path / "facts")], cwd=REPO, env=env,
