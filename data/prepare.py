@@ -21,7 +21,8 @@ from data.extract import cache_meta, extract_codes
 from data.dataset import image_key
 from data.shards import CodeStore
 from data.video_codes import missing_videos
-from viq.errors import MissingFileError
+from viq.errors import ConfigError, MissingFileError
+from viq.io import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,21 @@ def default_codes_dir(cfg) -> Path:
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.model.viq).name or cfg.model.viq)
     base = Path(cfg.data.train).parent if cfg.data.train else Path(cfg.data.root)
     return base / f"codes-{safe}"
+
+
+def check_synthetic_set(cfg) -> None:
+    """The demo set found under `data.root` must be the one the config asks for: a set drawn with
+    another size, seed or video count is refused rather than silently trained on."""
+    meta_path = Path(cfg.data.root) / "meta.json"
+    if cfg.data.train or not meta_path.is_file():
+        return
+    meta = read_json(meta_path, what="synthetic set description")
+    asked = {"data.synthetic_n": (cfg.data.synthetic_n, meta.get("n")), "trainer.seed": (cfg.trainer.seed, meta.get("seed")),
+             "data.synthetic_videos": (cfg.data.synthetic_videos, meta.get("n_videos", 0))}
+    differ = [f"{key} is {want}, the set's is {have}" for key, (want, have) in asked.items() if want != have]
+    if differ:
+        raise ConfigError(f"{cfg.data.root} holds another synthetic set ({'; '.join(differ)}): set data.root to a new "
+                          f"folder (the set is generated there) or delete {cfg.data.root}")
 
 
 def load_training_records(cfg, seed: int):
@@ -81,6 +97,7 @@ def prepare_training_data(cfg, viq_cfg, *, rank: int, barrier, get_viq, log=logg
                    rank=rank, local_rank=local_rank, barrier=barrier)
     if not path.exists():
         raise MissingFileError(f"data.train: {path} does not exist")
+    check_synthetic_set(cfg)
     records, image_root = load_training_records(cfg, cfg.trainer.seed)
     if cfg.vision.source in ("online", "none"):  # none: the blind baseline needs no codes
         return records, image_root, None

@@ -83,6 +83,11 @@ def all_reduce_vector(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def any_rank_nonfinite(value: torch.Tensor) -> bool:
+    """True when `value` is inf/nan on any rank (one all-reduce and one read)."""
+    return bool(all_reduce_vector((~torch.isfinite(value.detach())).to(torch.float64).reshape(1)).item())
+
+
 def gathered(stage: int):
     """Context-manager factory for reading/writing full parameters (ZeRO-3 shards them)."""
     if stage == 3:
@@ -135,6 +140,17 @@ def construction_context(ds_config: dict):
     return contextlib.nullcontext()
 
 
+def master_weights(engine) -> list[torch.Tensor]:
+    """The tensors this rank's optimizer updates: DeepSpeed's fp32 master partitions under ZeRO
+    (whole parameters without it). ZeRO-3 empties the inner optimizer's param groups between
+    steps (it puts one partition back for the duration of its step), so its partitions are read
+    from the ZeRO-3 optimizer itself."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    masters = {id(p): p for group in inner.param_groups for p in group["params"]}
+    masters.update((id(p), p) for p in getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))
+    return list(masters.values())
+
+
 def model_state_bytes(engine) -> dict[str, int]:
     """Bytes DeepSpeed holds for the model on this rank between steps: "parameters" (the local
     shard under ZeRO-3, whole parameters otherwise) and "optimizer" (the fp32 master partition
@@ -151,12 +167,7 @@ def model_state_bytes(engine) -> dict[str, int]:
         add("parameters", p.data)
         add("parameters", getattr(p, "ds_tensor", None))
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    # ZeRO-3 empties the inner optimizer's param groups between steps (it puts one fp32 partition
-    # back for the duration of its step), so its partitions and their state are read from the
-    # state table and from the ZeRO-3 optimizer itself.
-    masters = [p for group in inner.param_groups for p in group["params"]]
-    masters += list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))
-    for p in masters + list(inner.state):
+    for p in master_weights(engine) + list(inner.state):
         add("optimizer", p.data)
         for value in inner.state.get(p, {}).values():
             add("optimizer", value)

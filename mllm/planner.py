@@ -153,6 +153,12 @@ class MemoryPlan:
         """Parameters + optimizer state at rest (what DeepSpeed holds between steps)."""
         return self.terms["parameters"] + self.terms["optimizer"]
 
+    def beside(self, measured: dict[str, int], **context) -> dict:
+        """memory.json: this plan beside the model-state bytes measured on a rank
+        (mllm.engine.model_state_bytes), with the run's `context` (world size, ZeRO stage, ...)."""
+        return {"planned": self.terms, "planned_peak": self.peak, "planned_states": self.states(),
+                "measured_states": measured["parameters"] + measured["optimizer"], "measured": measured, **context}
+
 
 def estimate_memory(cfg, world: int, *, dtype_bytes: int = 2, kind: str | None = None) -> MemoryPlan:
     """Per-GPU memory of `cfg` on `world` ranks (see the module docstring for each term)."""

@@ -46,6 +46,7 @@ from mllm.contract import check_model
 from mllm.engine import (
     all_reduce_sum,
     all_reduce_vector,
+    any_rank_nonfinite,
     apply_freezing,
     construction_context,
     device_and_dtype,
@@ -54,6 +55,7 @@ from mllm.engine import (
     init_distributed,
     initialize_engine,
     load_ds_config,
+    master_weights,
     model_state_bytes,
 )
 from mllm.export import save_export
@@ -231,13 +233,10 @@ class Trainer:
 
     def _record_memory(self) -> None:
         """runs/<name>/memory.json after the first step: the plan beside what was measured (rank 0's)."""
-        plan = getattr(self, "memory_plan", None)
-        if plan is None:
+        if getattr(self, "memory_plan", None) is None:
             return
-        measured = {k: v for k, v in model_state_bytes(self.engine).items()}
-        record = {"planned": plan.terms, "planned_peak": plan.peak, "planned_states": plan.states(),
-                  "measured_states": measured["parameters"] + measured["optimizer"], "measured": measured,
-                  "world_size": self.world, "zero_stage": self.ds_config["zero_optimization"]["stage"]}
+        record = self.memory_plan.beside(model_state_bytes(self.engine), world_size=self.world,
+                                         zero_stage=self.ds_config["zero_optimization"]["stage"])
         if self.device.type == "cuda":
             record["measured_peak_allocated"] = torch.cuda.max_memory_allocated(self.device)
         if self.is_main:
@@ -307,11 +306,11 @@ class Trainer:
             # Auxiliary losses arrive as means: averaged over micro-batches here, over ranks by DeepSpeed.
             aux = out.get("aux_loss")
             objective = loss_sum * scale if aux is None else loss_sum * scale + aux / len(micro_batches)
-            if check_before_backward and _any_rank_nonfinite(objective):
+            if check_before_backward and any_rank_nonfinite(objective):
                 skipped += 1  # no backward: it adds nothing to the step's accumulated gradients
                 continue
             self.engine.backward(objective, scale_wrt_gas=False)
-            if not check_before_backward and _any_rank_nonfinite(objective):
+            if not check_before_backward and any_rank_nonfinite(objective):
                 raise NonFiniteLossError(
                     f"non-finite loss at step {self.step + 1}, micro-batch {j} (samples {batch.get('sample_indices', [])[:8]}); "
                     "stopping before the update. Lower optim.lr or set trainer.nonfinite=skip to skip such batches"
@@ -516,8 +515,7 @@ class Trainer:
     def _checkpoint_bytes(self) -> int:
         """About what one checkpoint takes on disk, all ranks together: the 16-bit or fp32 weights
         DeepSpeed writes plus the fp32 master weights and Adam's two moments."""
-        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
-        master = sum(full_numel(p) * 4 for g in inner.param_groups for p in g["params"] if p.numel())
+        master = sum(full_numel(p) * 4 for p in master_weights(self.engine) if p.numel())
         weights = model_state_bytes(self.engine)["parameters"]
         mine = 3 * master + (weights if self.is_main or self.ds_config["zero_optimization"]["stage"] == 3 else 0)
         return int(all_reduce_sum(mine, self.device))
@@ -551,11 +549,6 @@ class Trainer:
         self.barrier()
         log.info(f"exported {out}")
         return out
-
-
-def _any_rank_nonfinite(value: torch.Tensor) -> bool:
-    """True when `value` is inf/nan on any rank (one all-reduce and one read)."""
-    return bool(all_reduce_vector((~torch.isfinite(value.detach())).to(torch.float64).reshape(1)).item())
 
 
 def _sum_sq_lengths(batch: dict) -> float:

@@ -165,3 +165,19 @@ def test_records_become_training_samples(dataset, tmp_path):
         assert sample["n_image_tokens"] == grid[0] * grid[1]
         supervised = sample["labels"][sample["labels"] != IGNORE_INDEX]
         assert tokenizer.decode(supervised) == record.conversations[1]["value"] + "<|im_end|>\n"
+
+
+def test_a_set_drawn_with_other_settings_is_refused_not_reused(tmp_path):
+    from data.prepare import check_synthetic_set
+    from mllm.config import load_config
+    from viq.errors import ConfigError
+
+    root = tmp_path / "synthetic"
+    make_synthetic_dataset(root, 6, seed=0)
+    check_synthetic_set(load_config(None, [f"data.root={root}", "data.synthetic_n=6"]))  # the same set: used
+    with pytest.raises(ConfigError) as e:
+        check_synthetic_set(load_config(None, [f"data.root={root}", "data.synthetic_n=12", "trainer.seed=3"]))
+    assert str(e.value) == (f"{root} holds another synthetic set (data.synthetic_n is 12, the set's is 6; trainer.seed is 3, "
+                            f"the set's is 0): set data.root to a new folder (the set is generated there) or delete {root}")
+    # a data.train file of one's own is never compared with the demo set's description
+    check_synthetic_set(load_config(None, [f"data.root={root}", "data.synthetic_n=12", f"data.train={root / 'train.jsonl'}"]))

@@ -12,7 +12,8 @@ from eval.score import row_hits_file
 from eval.vlmevalkit_versions import PACKAGE_VERSIONS
 
 SNAPSHOTS = installed_snapshots()
-pytestmark = pytest.mark.skipif(not SNAPSHOTS, reason='no VLMEvalKit installed (./dev.sh installs the pinned ones)')
+pytestmark = [pytest.mark.skipif(not SNAPSHOTS, reason='no VLMEvalKit installed (./dev.sh installs the pinned ones)'),
+              pytest.mark.slow]  # VLMEvalKit's own evaluate, in a process per snapshot
 
 # nvidia-vlmeval 26.3's OCRBench writes its score dict to the prediction path with '.xlsx'
 # replaced by '_score.json'; a .tsv prediction file is thus overwritten with a dict, which fails.

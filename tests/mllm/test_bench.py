@@ -21,6 +21,7 @@ def run_bench(*args, timeout=600):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_tiny_mode_reports_every_arm_and_the_lever_sweep(tmp_path):
     proc = run_bench("--mode", "tiny", "--steps", "1", "--warmup", "1", "--micro-batch-tokens", "2048",
                      "--loss-impl", "fused", "--sweep-levers", "--sweep-variants", "optimizer_torch_fused,zero0",
@@ -65,6 +66,7 @@ def test_tiny_mode_reports_every_arm_and_the_lever_sweep(tmp_path):
     assert (tmp_path / "bench_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_times_whole_optimizer_steps(tmp_path):
     proc = run_bench("--mode", "tiny", "--arms", "codes", "--grad-accum", "2", "--steps", "1", "--warmup", "1",
                      "--sweep-levers", "--sweep-variants", "none", "--out-dir", str(tmp_path))
@@ -79,6 +81,7 @@ def test_gradient_accumulation_times_whole_optimizer_steps(tmp_path):
         "naive: 1 pack, full checkpointing, chunked CE, eager", "+ 2 micro-batches per optimizer step", "+ no checkpointing"]
 
 
+@pytest.mark.slow
 def test_bench_rejects_unknown_arm_and_encoder():
     proc = run_bench("--mode", "tiny", "--arms", "codes,pixels")
     assert proc.returncode != 0
@@ -148,6 +151,7 @@ def test_paper_encoders_are_the_released_towers():
     assert encoders["siglip-so400m-llava-ov"].tokens_per_image(448) == 729
 
 
+@pytest.mark.slow
 def test_bench_under_the_deepspeed_launcher_counts_every_rank(tmp_path):
     deepspeed = str(Path(sys.executable).with_name("deepspeed"))
     port = str(free_port())
@@ -164,6 +168,7 @@ def test_bench_under_the_deepspeed_launcher_counts_every_rank(tmp_path):
         assert e["tokens_per_s"] == pytest.approx(2 * point["real_tokens"] / (e["step_ms"] / 1e3), rel=0.25)
 
 
+@pytest.mark.slow
 def test_profile_step_prints_the_phase_split():
     proc = subprocess.run([sys.executable, "scripts/profile_step.py", "--warmup", "1", "--steps", "1", "--rows", "3",
                            "--image-size", "112", "--optimizer", "torch_fused"],
@@ -177,6 +182,7 @@ def test_profile_step_prints_the_phase_split():
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("profile_step: error: 'nope' is neither")
 
 
+@pytest.mark.slow
 def test_lora_arm_is_measured_and_the_estimate_counts_the_same_trainable_parameters(tmp_path):
     """--lora-rank trains adapters + code rows through the real trainer; --estimate (no GPU needed,
     labelled "estimated") counts the same trainable parameters for the same model."""
