@@ -184,8 +184,12 @@ def test_mixed_image_and_video_file_trains_through_the_launcher_and_scores_the_v
     log = proc.stdout + proc.stderr
     assert "2 videos (8 frames), 2 skipped" in log and "skipped 2 record(s)" in log
     assert json.loads((run / "hf" / "video.json").read_text())["max_frames"] == 4
-    # vision.source=online gives these samples identical ids and losses (test above); the online trainer
-    # path itself is launched by test_train.py, so one launch here keeps CI time down.
+    # the same file with the encoder in the loop: the same samples, so the same losses
+    online = tmp_path / "online-run"
+    launch(["--set", f"data.train={train}", *video, "--set", "vision.source=online", "--set", "trainer.export=false",
+            "--run-dir", str(online), "--max-steps", "2", *FAST])
+    for got, want in zip(metrics(online), metrics(run)[:2], strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4), (got, want)
 
     from data.synthetic import make_synthetic_dataset
 
