@@ -88,7 +88,8 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT_
 for point in "${points[@]}"; do
     case $point in
         setup) part setup 90 setup; cat "$OUT_DIR/env.json" 2>/dev/null ;;
-        tests) part tests 120 $PY -m pytest tests/gpu -q -p no:cacheprovider --junitxml="$OUT_DIR/tests_gpu.xml"
+        # -o addopts=: one process (one GPU), and the image has no pytest-xdist for the suite's -n
+        tests) part tests 120 $PY -m pytest -o addopts= tests/gpu -q -p no:cacheprovider --junitxml="$OUT_DIR/tests_gpu.xml"
                tail -3 "$LOG" ;;
         levers_0.5b) part levers_0.5b 300 sweep levers_0.5b qwen2.5-0.5b 4096 32768 ;;
         levers_1.5b) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True part levers_1.5b 300 sweep levers_1.5b qwen2.5-1.5b 16384 16384 ;;
